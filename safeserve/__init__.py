@@ -1,0 +1,55 @@
+"""safeserve: keeps ML predictions coming when models, inputs or infrastructure fail.
+
+The public API; everything else is private. See SPEC.md and README.md.
+"""
+
+from safeserve.decisions import Attempt, Decision, Outcome, Reason
+from safeserve.decorator import AsyncGuarded, Guarded, guard
+from safeserve.errors import (
+    InputRejected,
+    NoFallbackAvailable,
+    PolicyError,
+    Problem,
+    SafeServeError,
+)
+from safeserve.logwriter import flush_logs
+from safeserve.policy import (
+    BreakerConfig,
+    ConfidenceConfig,
+    DecisionLogConfig,
+    Fallback,
+    Policy,
+    RetryConfig,
+    Rule,
+    ValidationConfig,
+)
+from safeserve.registry import force_degradation, testing
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncGuarded",
+    "Attempt",
+    "BreakerConfig",
+    "ConfidenceConfig",
+    "Decision",
+    "DecisionLogConfig",
+    "Fallback",
+    "Guarded",
+    "InputRejected",
+    "NoFallbackAvailable",
+    "Outcome",
+    "Policy",
+    "PolicyError",
+    "Problem",
+    "Reason",
+    "RetryConfig",
+    "Rule",
+    "SafeServeError",
+    "ValidationConfig",
+    "__version__",
+    "flush_logs",
+    "force_degradation",
+    "guard",
+    "testing",
+]

@@ -1,0 +1,185 @@
+"""Decision records: what a guard did for one call, and why.
+
+A record is built only for calls that were degraded, flagged or sampled (or when `.call()` asks
+for one); building it is the cost of a degradation, never of a healthy call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import itertools
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+SCHEMA_VERSION = 1
+_ERROR_CHARS = 200
+
+_id_prefix = os.urandom(8).hex()
+_id_counter = itertools.count(1)
+
+
+def new_id() -> str:
+    """A unique, process-ordered 32-hex-digit id (random process prefix + counter)."""
+    return f"{_id_prefix}{next(_id_counter):016x}"
+
+
+def now_utc() -> datetime:
+    """The current time in UTC."""
+    return datetime.now(UTC)
+
+
+class Reason(BaseModel):
+    """Why a call degraded: a code from the fixed list, the stage that found it, a short detail."""
+
+    model_config = ConfigDict(frozen=True)
+
+    code: str
+    stage: str
+    detail: str | None = None
+
+
+class Attempt(BaseModel):
+    """One try of the primary or of a fallback, in call order."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    ok: bool
+    latency_ms: float
+    error: str | None = None
+
+
+class Decision(BaseModel):
+    """The record of one degraded, flagged or sampled call (SPEC 2)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    kind: Literal["decision"] = "decision"
+    schema_version: int = SCHEMA_VERSION
+    id: str
+    ts: datetime
+    policy: str
+    owner: str | None = None
+    model_version: str | None = None
+    served_by: str | None = None
+    degraded: bool = False
+    flagged: bool = False
+    reasons: list[Reason] = []
+    attempts: list[Attempt] = []
+    confidence: float | None = None
+    breaker_state: str = "closed"
+    latency_ms: float = 0.0
+    inputs: Any = None
+    output: Any = None
+    row: int | None = None
+    batch_id: str | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        """The JSON-safe log line: `inputs` only when logged, `output` only when asked for."""
+        rec: dict[str, Any] = {
+            "kind": self.kind,
+            "schema_version": self.schema_version,
+            "id": self.id,
+            "ts": self.ts.isoformat(),
+            "policy": self.policy,
+            "owner": self.owner,
+            "model_version": self.model_version,
+            "served_by": self.served_by,
+            "degraded": self.degraded,
+            "flagged": self.flagged,
+            "reasons": [{"code": r.code, "stage": r.stage, "detail": r.detail}
+                        for r in self.reasons],
+            "attempts": [{"name": a.name, "ok": a.ok, "latency_ms": a.latency_ms,
+                          "error": a.error} for a in self.attempts],
+            "confidence": self.confidence,
+            "breaker_state": self.breaker_state,
+            "latency_ms": self.latency_ms,
+            "row": self.row,
+            "batch_id": self.batch_id,
+        }
+        fields = self.model_fields_set
+        if "inputs" in fields:
+            rec["inputs"] = self.inputs
+        if "output" in fields:
+            rec["output"] = self.output
+        return rec
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What `.call()` returns: the answer and the decision behind it."""
+
+    value: Any
+    decision: Decision
+
+
+def describe_error(exc: BaseException) -> str:
+    """`TypeName: short message`, never a traceback."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    name = type(exc).__name__
+    out = f"{name}: {text}" if text else name
+    return out if len(out) <= _ERROR_CHARS else out[: _ERROR_CHARS - 1] + "…"
+
+
+def json_safe(value: Any, depth: int = 0) -> Any:
+    """A JSON-serialisable copy of `value` (numpy, pydantic, sets, non-finite floats handled)."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if depth > 20:
+        return repr(value)[:200]
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [json_safe(v, depth + 1) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist(), depth + 1)
+    if isinstance(value, np.generic):
+        return json_safe(value.item(), depth + 1)
+    if isinstance(value, BaseModel):
+        return json_safe(value.model_dump(mode="json"), depth + 1)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return repr(value)[:200]
+
+
+class InputRecorder:
+    """Prepares an input for a record: redacted fields dropped, hashed ones salted-hashed."""
+
+    __slots__ = ("_hash", "_redact", "_salt")
+
+    def __init__(self, redact: list[str], hash_fields: list[str], salt: str | None) -> None:
+        self._redact = frozenset(redact)
+        self._hash = frozenset(hash_fields)
+        salt = salt or os.environ.get("SAFESERVE_HASH_SALT") or os.urandom(16).hex()
+        self._salt = salt.encode()
+
+    def hash_value(self, value: Any) -> str:
+        """A salted SHA-256 of the value's JSON form (first 32 hex digits)."""
+        data = repr(json_safe(value)).encode()
+        return hmac.new(self._salt, data, hashlib.sha256).hexdigest()[:32]
+
+    def __call__(self, value: Any) -> Any:
+        if isinstance(value, BaseModel):
+            value = value.model_dump()
+        if not isinstance(value, Mapping):
+            return json_safe(value)
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if k in self._redact:
+                continue
+            out[str(k)] = self.hash_value(v) if k in self._hash else json_safe(v)
+        return out
+
+    def hides(self, field: str) -> bool:
+        """Whether a feature must never appear raw (redacted or hashed)."""
+        return field in self._redact or field in self._hash

@@ -1,0 +1,276 @@
+"""The decision-log writer: a bounded queue and one writer thread per sink.
+
+Calls only enqueue; the writer thread turns records into JSON lines through a structlog
+processor chain and writes them. A full queue drops the record and counts it; the writer
+reports the drops as a record of their own once it catches up. Logs are flushed at exit and by
+`flush_logs()`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import queue
+import sys
+import threading
+from collections.abc import Callable, MutableMapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+
+from safeserve.decisions import SCHEMA_VERSION, new_id, now_utc
+
+
+class Record(Protocol):
+    """Anything with a JSON-safe `to_record()` (decisions, breaker events, profiles)."""
+
+    def to_record(self) -> dict[str, Any]: ...
+
+
+Sink = str | Path | Callable[[dict[str, Any]], Any]
+
+
+def _serializer() -> Callable[..., bytes]:
+    try:
+        import orjson
+    except ImportError:  # the `fast` extra is optional
+        def dumps(obj: Any, **_: Any) -> bytes:
+            return json.dumps(obj, separators=(",", ":"), default=repr).encode()
+
+        return dumps
+
+    option = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
+
+    def orjson_dumps(obj: Any, **_: Any) -> bytes:
+        return orjson.dumps(obj, option=option, default=repr)
+
+    return orjson_dumps
+
+
+class _LineBuffer:
+    """structlog's wrapped logger: collects rendered lines for one write of whole lines."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+
+    def msg(self, message: bytes) -> None:
+        self.lines.append(message)
+
+
+class _DictCollector:
+    """structlog's wrapped logger for callable sinks: collects the event dicts."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def msg(self, **event: Any) -> None:
+        self.events.append(event)
+
+
+class LogWriter:
+    """Writes records to one sink from a background thread, never blocking the caller."""
+
+    def __init__(self, sink: Sink, queue_size: int) -> None:
+        self.sink = sink
+        self.dropped = 0
+        self._reported_drops = 0
+        self._queue: queue.Queue[Any] = queue.Queue(queue_size)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.synchronous = False
+        self._fd: int | None = None
+        if callable(sink):
+            self._collector: _DictCollector | None = _DictCollector()
+            self._buffer: _LineBuffer | None = None
+            self._log = structlog.wrap_logger(self._collector, processors=[_as_kwargs],
+                                              wrapper_class=structlog.BoundLogger)
+        else:
+            self._collector = None
+            self._buffer = _LineBuffer()
+            renderer = structlog.processors.JSONRenderer(serializer=_serializer())
+            self._log = structlog.wrap_logger(self._buffer, processors=[renderer],
+                                              wrapper_class=structlog.BoundLogger)
+
+    # -- caller side -------------------------------------------------------------------------
+    def submit(self, record: Record) -> bool:
+        """Queue a record; False (and a counted drop) when the queue is full."""
+        if self.synchronous:
+            with self._lock:
+                self._write([record])
+            return True
+        if self._thread is None:
+            self._start()
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            with self._lock:
+                self.dropped += 1
+            return False
+        return True
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until everything queued so far is written; False on timeout."""
+        if self._thread is None or not self._thread.is_alive():
+            with self._lock:
+                self._drain_inline()
+            return True
+        done = threading.Event()
+        try:
+            self._queue.put(done, timeout=timeout_s)
+        except queue.Full:
+            return False
+        return done.wait(timeout_s)
+
+    # -- writer side -------------------------------------------------------------------------
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="safeserve-log-writer", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        get = self._queue.get
+        while True:
+            item = get()
+            batch: list[Any] = []
+            markers: list[threading.Event] = []
+            while True:
+                (markers if isinstance(item, threading.Event) else batch).append(item)
+                if len(batch) >= 512:
+                    break
+                try:
+                    item = get(block=False)
+                except queue.Empty:
+                    break
+            try:
+                with self._lock:
+                    self._write(batch)
+            except Exception as exc:  # the writer thread must outlive any one bad batch
+                print(f"safeserve: decision log writer error: {exc!r}", file=sys.stderr)
+            for m in markers:
+                m.set()
+
+    def _drain_inline(self) -> None:
+        batch = []
+        while True:
+            try:
+                item = self._queue.get(block=False)
+            except queue.Empty:
+                break
+            if isinstance(item, threading.Event):
+                item.set()
+            else:
+                batch.append(item)
+        self._write(batch)
+
+    def _write(self, batch: list[Any]) -> None:
+        """Render and write a batch of records (called with the lock held)."""
+        if self.dropped > self._reported_drops:
+            batch.append(_DropsRecord(self.dropped - self._reported_drops))
+            self._reported_drops = self.dropped
+        for record in batch:
+            try:
+                self._log.msg(**record.to_record())
+            except Exception as exc:  # a record that cannot be rendered must not stop the log
+                self._log.msg(**_DropsRecord(1, f"unrenderable: {type(exc).__name__}").to_record())
+        try:
+            self._emit()
+        except OSError as exc:
+            print(f"safeserve: cannot write decision log {self.sink}: {exc}", file=sys.stderr)
+
+    def _emit(self) -> None:
+        if self._collector is not None:
+            events, self._collector.events = self._collector.events, []
+            for event in events:
+                self.sink(event)  # type: ignore[operator]
+            return
+        assert self._buffer is not None
+        lines, self._buffer.lines = self._buffer.lines, []
+        if not lines:
+            return
+        data = b"\n".join(lines) + b"\n"
+        if self.sink == "stdout":
+            sys.stdout.write(data.decode())
+            sys.stdout.flush()
+            return
+        if self._fd is None:
+            path = Path(self.sink)  # type: ignore[arg-type]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        # One write of whole lines, appended: replicas sharing a file never split a line.
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+
+    def _after_fork(self) -> None:
+        self._thread = None
+        self._lock = threading.Lock()
+        self._queue = queue.Queue(self._queue.maxsize)
+
+
+def _as_kwargs(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> tuple[Any, ...]:
+    return (), event
+
+
+class _DropsRecord:
+    """Reports records lost to a full queue, written when the writer catches up."""
+
+    def __init__(self, count: int, detail: str = "queue full") -> None:
+        self.count = count
+        self.detail = detail
+
+    def to_record(self) -> dict[str, Any]:
+        return {"kind": "drops", "schema_version": SCHEMA_VERSION, "id": new_id(),
+                "ts": now_utc().isoformat(), "count": self.count, "detail": self.detail}
+
+
+_writers: dict[Any, LogWriter] = {}
+_registry_lock = threading.Lock()
+_synchronous = False
+
+
+def writer_for(sink: Sink, queue_size: int) -> LogWriter:
+    """The one writer of a sink (a path, "stdout" or a callable), created on first use."""
+    key: Any = sink if callable(sink) or sink == "stdout" else str(Path(sink).resolve())
+    with _registry_lock:
+        writer = _writers.get(key)
+        if writer is None:
+            writer = _writers[key] = LogWriter(sink, queue_size)
+            writer.synchronous = _synchronous
+        return writer
+
+
+def flush_logs(timeout_s: float = 5.0) -> bool:
+    """Write every queued record (and each guard's pending profile); True when all done in time."""
+    from safeserve.registry import flush_guards
+
+    flush_guards()
+    with _registry_lock:
+        writers = list(_writers.values())
+    results = [w.flush(timeout_s) for w in writers]
+    return all(results)
+
+
+def set_synchronous(on: bool) -> None:
+    """Testing mode: write records in the calling thread (flushing what is queued first)."""
+    global _synchronous
+    with _registry_lock:
+        _synchronous = on
+        writers = list(_writers.values())
+    for w in writers:
+        if on:
+            w.flush()
+        w.synchronous = on
+
+
+def _reset_after_fork() -> None:
+    for w in _writers.values():
+        w._after_fork()
+
+
+atexit.register(flush_logs, 5.0)
+os.register_at_fork(after_in_child=_reset_after_fork)

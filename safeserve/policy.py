@@ -1,0 +1,228 @@
+"""The policy: pydantic config models for every stage of a guarded call.
+
+Every model is frozen and rejects unknown fields; a bad value raises `PolicyError` with one
+`path: message` line per problem.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from safeserve.errors import PolicyError
+
+RULE_OPS = ("eq", "ne", "lt", "le", "gt", "ge", "in", "not_in", "is_null")
+
+ReasonCode = Literal[
+    "invalid_input", "breaker_open", "timeout", "error", "invalid_output", "low_confidence",
+    "rejected", "fallback_failed", "overloaded", "store_unavailable", "forced",
+]
+
+
+class _Config(BaseModel):
+    """Base of the config models: frozen, strict about unknown fields, typed errors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    def __init__(self, /, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise PolicyError.from_validation(err, type(self).__name__) from None
+
+
+ExceptionTypes = list[type[BaseException]]
+
+
+def _transient_errors() -> ExceptionTypes:
+    return [ConnectionError, TimeoutError]
+
+
+class RetryConfig(_Config):
+    """Retries of the primary (tenacity): only for `retry_on` errors, within the call budget."""
+
+    attempts: int = Field(3, ge=1, le=100)
+    backoff_s: float = Field(0.1, ge=0)
+    max_backoff_s: float = Field(2.0, ge=0)
+    jitter: bool = True
+    retry_on: ExceptionTypes = Field(default_factory=_transient_errors)
+    attempt_timeout_s: float | None = Field(None, gt=0)
+
+
+class BreakerConfig(_Config):
+    """Circuit breaker settings; the defaults are resilience4j's."""
+
+    window: Literal["count", "time"] = "count"
+    window_size: int = Field(100, ge=1)
+    min_calls: int = Field(100, ge=1)
+    failure_rate_threshold: float = Field(0.5, gt=0, le=1)
+    slow_call_s: float = Field(60.0, gt=0)
+    slow_call_rate_threshold: float = Field(1.0, gt=0, le=1)
+    open_s: float = Field(60.0, gt=0)
+    open_backoff: float = Field(1.0, ge=1)
+    max_open_s: float | None = Field(None, gt=0)
+    half_open_calls: int = Field(10, ge=1)
+    success_threshold: int | None = Field(None, ge=1)
+    probe_timeout_s: float | None = Field(None, gt=0)
+    consecutive_failures: int | None = Field(None, ge=1)
+    record_on: ExceptionTypes = Field(default_factory=list)
+    ignore_on: ExceptionTypes = Field(default_factory=list)
+    mode: Literal["normal", "metrics_only"] = "normal"
+    store: str | None = None
+    on_state_change: list[Callable[..., Any]] = Field(default_factory=list)
+    clock: Callable[[], float] = Field(default=time.monotonic, exclude=True)
+
+    @model_validator(mode="after")
+    def _check_probes(self) -> BreakerConfig:
+        if self.success_threshold is not None and self.success_threshold > self.half_open_calls:
+            raise ValueError("success_threshold cannot exceed half_open_calls")
+        return self
+
+    @property
+    def probes_to_close(self) -> int:
+        """Successful probes needed to close from half-open."""
+        return self.success_threshold or self.half_open_calls
+
+
+class ConfidenceConfig(_Config):
+    """Confidence check on the primary's answer."""
+
+    threshold: float
+    extract: str | Callable[[Any], Any] = "auto"
+    action: Literal["fallback", "flag"] = "fallback"
+
+    @field_validator("threshold")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+
+class ValidationConfig(_Config):
+    """Input validation: a pydantic schema, later also checks derived from a training baseline."""
+
+    schema_: type[BaseModel] | None = Field(None, alias="schema")
+    output_schema: type[BaseModel] | None = None
+    baseline: str | Path | None = None
+    on_invalid: Literal["fallback", "reject"] = "fallback"
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    @property
+    def schema(self) -> type[BaseModel] | None:  # type: ignore[override]
+        """The input schema (stored as `schema_`: pydantic reserves the name)."""
+        return self.schema_
+
+
+class DecisionLogConfig(_Config):
+    """Where decision records go and what they contain."""
+
+    sink: str | Path | Callable[[dict[str, Any]], Any] | None = None
+    sample_rate: float = Field(0.0, ge=0, le=1)
+    include_inputs: bool = True
+    include_outputs: bool = False
+    redact: list[str] = Field(default_factory=list)
+    hash: list[str] = Field(default_factory=list)
+    hash_salt: str | None = None
+    queue_size: int = Field(10_000, ge=1)
+    ring_size: int = Field(1000, ge=1)
+
+
+class Rule(_Config):
+    """A rule-table row: when every condition holds, the answer is `then`."""
+
+    when: dict[str, dict[str, Any]]
+    then: Any
+
+    @field_validator("when")
+    @classmethod
+    def _known_ops(cls, when: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for feature, conds in when.items():
+            for op, value in conds.items():
+                if op not in RULE_OPS:
+                    raise ValueError(f"{feature}: unknown op {op!r} (one of {', '.join(RULE_OPS)})")
+                if op in ("in", "not_in") and not isinstance(value, list | tuple | set | frozenset):
+                    raise ValueError(f"{feature}: {op} takes a list")
+        return when
+
+
+class Fallback(_Config):
+    """One step of the fallback chain; build with `Fallback.model/rules/cache/static`."""
+
+    name: str = Field(min_length=1)
+    kind: Literal["model", "rules", "cache", "static"]
+    fn: Callable[..., Any] | None = None
+    table: list[Rule] = Field(default_factory=list)
+    default: Any = None
+    ttl_s: float | None = Field(None, gt=0)
+    max_items: int = Field(10_000, ge=1)
+    value: Any = None
+    timeout_s: float | None = Field(None, gt=0)
+    threshold: float | None = None
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> Fallback:
+        if self.kind == "model" and not callable(self.fn):
+            raise ValueError("a model fallback needs a callable `fn`")
+        return self
+
+    @classmethod
+    def model(cls, name: str, fn: Callable[..., Any], *, timeout_s: float | None = None,
+              threshold: float | None = None) -> Fallback:
+        """Another model (sync or async), called with the same arguments as the primary."""
+        return cls(name=name, kind="model", fn=fn, timeout_s=timeout_s, threshold=threshold)
+
+    @classmethod
+    def rules(cls, name: str, rules: list[Rule] | list[Mapping[str, Any]], default: Any = None,
+              *, timeout_s: float | None = None, threshold: float | None = None) -> Fallback:
+        """A rule table: the first rule whose `when` holds answers, else `default` (unless None)."""
+        return cls(name=name, kind="rules", table=list(rules), default=default,
+                   timeout_s=timeout_s, threshold=threshold)
+
+    @classmethod
+    def cache(cls, name: str, ttl_s: float | None = None, max_items: int = 10_000, *,
+              threshold: float | None = None) -> Fallback:
+        """The last good primary answer for an equal input, if younger than `ttl_s`."""
+        return cls(name=name, kind="cache", ttl_s=ttl_s, max_items=max_items, threshold=threshold)
+
+    @classmethod
+    def static(cls, name: str, value: Any, *, threshold: float | None = None) -> Fallback:
+        """A fixed answer."""
+        return cls(name=name, kind="static", value=value, threshold=threshold)
+
+
+class Policy(_Config):
+    """Everything a guard does for one model: the whole degradation policy."""
+
+    name: str = Field(min_length=1)
+    owner: str | None = None
+    model_version: str | None = None
+    model: Callable[..., Any] | None = None
+    validation: ValidationConfig | None = None
+    timeout_s: float | None = Field(None, gt=0)
+    retry: RetryConfig | None = None
+    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
+    confidence: ConfidenceConfig | None = None
+    fallbacks: list[Fallback] = Field(default_factory=list)
+    log: DecisionLogConfig | None = None
+    max_concurrent: int | None = Field(None, ge=1)
+    max_wait_s: float = Field(0.0, ge=0)
+    workers: int = Field(8, ge=1)
+    max_abandoned: int = Field(64, ge=0)
+
+    @field_validator("fallbacks")
+    @classmethod
+    def _unique_names(cls, fallbacks: list[Fallback]) -> list[Fallback]:
+        names = [f.name for f in fallbacks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"fallback names must be unique: {', '.join(dupes)}")
+        if "primary" in names:
+            raise ValueError("'primary' is reserved for the guarded model")
+        return fallbacks

@@ -1,0 +1,343 @@
+"""Timeouts and retries: abandoned sync calls, cancelled async calls, one deadline per call."""
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import safeserve as ss
+
+STATIC = {"label": "static"}
+
+
+def codes(decision: Any) -> list[str]:
+    return [r.code for r in decision.reasons]
+
+
+@pytest.fixture
+def release() -> Iterator[threading.Event]:
+    """An event slow models wait on (as a 5 s sleep); set at teardown to free their threads."""
+    event = threading.Event()
+    yield event
+    event.set()
+
+
+@pytest.fixture
+def testing_mode() -> Iterator[None]:
+    """Backoff sleeps off, synchronous logs, breakers reset."""
+    with ss.testing():
+        yield
+
+
+class SlowModel:
+    """A sync model that 'sleeps' 5 s on slow inputs and answers at once otherwise."""
+
+    def __init__(self, release: threading.Event) -> None:
+        self.release = release
+        self.started = 0
+        self.fast_calls = 0
+        self.lock = threading.Lock()
+
+    def function(self) -> Any:
+        def predict(x: dict) -> dict:
+            if x.get("slow"):
+                with self.lock:
+                    self.started += 1
+                self.release.wait(5)
+                return {"label": "slow"}
+            with self.lock:
+                self.fast_calls += 1
+            return {"label": "fast"}
+
+        return predict
+
+
+@pytest.fixture
+def slow_model(release: threading.Event) -> SlowModel:
+    return SlowModel(release)
+
+
+class TestSyncTimeout:
+    def test_sync_timeout_abandons_call_and_returns_quickly(self, slow_model: SlowModel) -> None:
+        """A 0.1 s timeout on a 5 s sync call answers from a fallback well under 1 s."""
+        g = ss.guard(name="m", timeout_s=0.1, fallbacks=[ss.Fallback.static("static", STATIC)])(
+            slow_model.function()
+        )
+        start = time.monotonic()
+        out = g.call({"slow": True})
+        elapsed = time.monotonic() - start
+        assert elapsed < 1.0
+        assert out.value == STATIC
+        assert out.decision.served_by == "static"
+        assert "timeout" in codes(out.decision)
+        assert g.stats()["abandoned"] == 1
+
+    def test_fast_call_succeeds_after_many_abandoned_calls(self, slow_model: SlowModel) -> None:
+        """Twenty abandoned sleeping calls do not starve the pool: a fast call still runs."""
+        g = ss.guard(name="m", timeout_s=0.05, fallbacks=[ss.Fallback.static("static", STATIC)])(
+            slow_model.function()
+        )
+        for _ in range(20):
+            assert g({"slow": True}) == STATIC
+        assert g.stats()["abandoned"] == 20
+        out = g.call({"slow": False})
+        assert out.value == {"label": "fast"}
+        assert out.decision.served_by == "primary"
+
+    def test_past_max_abandoned_new_calls_degrade_with_overloaded(
+        self, slow_model: SlowModel, release: threading.Event
+    ) -> None:
+        """Beyond max_abandoned running abandoned calls, new calls are not started: overloaded."""
+        g = ss.guard(
+            name="m",
+            timeout_s=0.05,
+            max_abandoned=3,
+            fallbacks=[ss.Fallback.static("static", STATIC)],
+        )(slow_model.function())
+        for _ in range(5):
+            g({"slow": True})
+        assert slow_model.started <= 4
+        start = time.monotonic()
+        out = g.call({"slow": False})
+        assert time.monotonic() - start < 1.0
+        assert slow_model.fast_calls == 0
+        assert out.decision.served_by == "static"
+        assert "overloaded" in codes(out.decision)
+        assert g.stats()["reasons"]["overloaded"] >= 1
+
+        # Once the abandoned calls finish the guard serves from the primary again.
+        release.set()
+        deadline = time.monotonic() + 3.0
+        served_by = None
+        while time.monotonic() < deadline:
+            served_by = g.call({"slow": False}).decision.served_by
+            if served_by == "primary":
+                break
+            time.sleep(0.02)
+        assert served_by == "primary"
+
+
+class TestAsyncTimeout:
+    def test_async_timeout_cancels_the_coroutine(self) -> None:
+        """At the deadline an async primary is cancelled and a fallback serves."""
+        seen: list[str] = []
+
+        async def predict(x: dict) -> dict:
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                seen.append("cancelled")
+                raise
+            return {"label": "slow"}
+
+        g = ss.guard(name="m", timeout_s=0.1, fallbacks=[ss.Fallback.static("static", STATIC)])(
+            predict
+        )
+
+        async def main() -> tuple[Any, float, list[str]]:
+            start = time.monotonic()
+            out = await g.call({"a": 1})
+            elapsed = time.monotonic() - start
+            await asyncio.sleep(0.05)
+            return out, elapsed, list(seen)
+
+        out, elapsed, seen_in_loop = asyncio.run(main())
+        assert elapsed < 1.0
+        assert out.decision.served_by == "static"
+        assert "timeout" in codes(out.decision)
+        assert seen_in_loop == ["cancelled"]
+
+
+def counting_model(exc_sequence: list[BaseException | None]) -> Any:
+    """A model raising the listed exceptions in turn (None answers); records each invocation."""
+    calls: list[int] = []
+
+    def predict(x: dict) -> dict:
+        calls.append(1)
+        i = min(len(calls), len(exc_sequence)) - 1
+        exc = exc_sequence[i]
+        if exc is not None:
+            raise exc
+        return {"label": "ok"}
+
+    predict.calls = calls  # type: ignore[attr-defined]
+    return predict
+
+
+@pytest.mark.usefixtures("testing_mode")
+class TestRetries:
+    @pytest.mark.parametrize(
+        "exc", [ConnectionError("refused"), ConnectionRefusedError("refused")], ids=repr
+    )
+    def test_listed_errors_are_retried_up_to_attempts(self, exc: BaseException) -> None:
+        """An error in retry_on (or a subclass) is retried until attempts run out."""
+        model = counting_model([exc])
+        g = ss.guard(
+            name="m",
+            retry=ss.RetryConfig(attempts=3, backoff_s=0.01, retry_on=[ConnectionError]),
+            fallbacks=[ss.Fallback.static("static", STATIC)],
+        )(model)
+        out = g.call({"a": 1})
+        assert len(model.calls) == 3
+        assert out.decision.served_by == "static"
+        attempts = [(a.name, a.ok) for a in out.decision.attempts]
+        assert attempts == [("primary", False)] * 3 + [("static", True)]
+        assert all(
+            a.error.startswith(type(exc).__name__ + ":")
+            for a in out.decision.attempts
+            if a.name == "primary"
+        )
+
+    def test_unlisted_error_is_not_retried(self) -> None:
+        """An error outside retry_on fails after one attempt."""
+        model = counting_model([ValueError("bad")])
+        g = ss.guard(
+            name="m",
+            retry=ss.RetryConfig(attempts=3, backoff_s=0.01, retry_on=[ConnectionError]),
+            fallbacks=[ss.Fallback.static("static", STATIC)],
+        )(model)
+        out = g.call({"a": 1})
+        assert len(model.calls) == 1
+        assert [a.name for a in out.decision.attempts] == ["primary", "static"]
+        assert out.decision.attempts[0].error == "ValueError: bad"
+
+    def test_retry_succeeds_and_records_attempts_in_order(self) -> None:
+        """Two failures then a success: the primary answers and attempts list all three."""
+        model = counting_model([ConnectionError("a"), ConnectionError("b"), None])
+        g = ss.guard(
+            name="m",
+            retry=ss.RetryConfig(attempts=5, backoff_s=0.01, retry_on=[ConnectionError]),
+            fallbacks=[ss.Fallback.static("static", STATIC)],
+        )(model)
+        out = g.call({"a": 1})
+        assert out.value == {"label": "ok"}
+        assert out.decision.served_by == "primary"
+        assert len(model.calls) == 3
+        attempts = out.decision.attempts
+        assert [(a.name, a.ok) for a in attempts] == [
+            ("primary", False),
+            ("primary", False),
+            ("primary", True),
+        ]
+        assert [a.error for a in attempts] == ["ConnectionError: a", "ConnectionError: b", None]
+
+    def test_default_retry_on_covers_connection_and_timeout_errors(self) -> None:
+        """RetryConfig's default retry_on retries TimeoutError and ConnectionError."""
+        model = counting_model([TimeoutError("t"), ConnectionError("c"), None])
+        g = ss.guard(name="m", retry=ss.RetryConfig(attempts=3))(model)
+        assert g({"a": 1}) == {"label": "ok"}
+        assert len(model.calls) == 3
+
+    def test_async_retries_only_listed_errors(self) -> None:
+        """An async primary is retried on listed errors only."""
+        calls: list[int] = []
+
+        async def predict(x: dict) -> dict:
+            calls.append(1)
+            if len(calls) < 3:
+                raise ConnectionError("flaky")
+            raise ValueError("bad")
+
+        g = ss.guard(
+            name="m",
+            retry=ss.RetryConfig(attempts=5, backoff_s=0.01, retry_on=[ConnectionError]),
+            fallbacks=[ss.Fallback.static("static", STATIC)],
+        )(predict)
+
+        async def main() -> Any:
+            return await g.call({"a": 1})
+
+        out = asyncio.run(main())
+        assert len(calls) == 3
+        assert [a.error.split(":")[0] for a in out.decision.attempts if a.name == "primary"] == [
+            "ConnectionError",
+            "ConnectionError",
+            "ValueError",
+        ]
+
+
+class TestOneDeadline:
+    def test_retries_share_one_deadline_and_stop_when_caller_returns(
+        self, release: threading.Event
+    ) -> None:
+        """Attempt timeouts and retries never outlive timeout_s, nor run on afterwards."""
+        invocations: list[int] = []
+
+        def predict(x: dict) -> dict:
+            invocations.append(1)
+            release.wait(5)
+            return {"label": "slow"}
+
+        g = ss.guard(
+            name="m",
+            timeout_s=0.3,
+            retry=ss.RetryConfig(
+                attempts=10, backoff_s=0.05, attempt_timeout_s=0.2, jitter=False,
+                retry_on=[TimeoutError, ConnectionError],
+            ),
+            fallbacks=[ss.Fallback.static("static", STATIC)],
+        )(predict)
+        start = time.monotonic()
+        out = g.call({"a": 1})
+        elapsed = time.monotonic() - start
+        assert elapsed < 1.0
+        assert out.decision.served_by == "static"
+        assert "timeout" in codes(out.decision)
+        assert 1 <= len(invocations) <= 3
+        after_return = len(invocations)
+        time.sleep(0.5)
+        assert len(invocations) == after_return
+
+    def test_async_retries_share_one_deadline(self) -> None:
+        """An async primary's retries also stop at the call's single deadline."""
+        invocations: list[int] = []
+
+        async def predict(x: dict) -> dict:
+            invocations.append(1)
+            await asyncio.sleep(5)
+            return {"label": "slow"}
+
+        g = ss.guard(
+            name="m",
+            timeout_s=0.3,
+            retry=ss.RetryConfig(
+                attempts=10, backoff_s=0.05, attempt_timeout_s=0.2, jitter=False,
+                retry_on=[TimeoutError, ConnectionError],
+            ),
+            fallbacks=[ss.Fallback.static("static", STATIC)],
+        )(predict)
+
+        async def main() -> tuple[Any, float, int, int]:
+            start = time.monotonic()
+            out = await g.call({"a": 1})
+            elapsed = time.monotonic() - start
+            after_return = len(invocations)
+            await asyncio.sleep(0.5)
+            return out, elapsed, after_return, len(invocations)
+
+        out, elapsed, after_return, later = asyncio.run(main())
+        assert elapsed < 1.0
+        assert out.decision.served_by == "static"
+        assert 1 <= after_return <= 3
+        assert later == after_return
+
+    def test_backoff_never_sleeps_past_the_deadline(self) -> None:
+        """A 5 s backoff inside a 0.3 s budget does not hold the caller past the budget."""
+        model = counting_model([ConnectionError("down")])
+        g = ss.guard(
+            name="m",
+            timeout_s=0.3,
+            retry=ss.RetryConfig(
+                attempts=5, backoff_s=5, max_backoff_s=5, jitter=False, retry_on=[ConnectionError]
+            ),
+            fallbacks=[ss.Fallback.static("static", STATIC)],
+        )(model)
+        start = time.monotonic()
+        out = g.call({"a": 1})
+        elapsed = time.monotonic() - start
+        assert elapsed < 1.0
+        assert out.decision.served_by == "static"
+        assert len(model.calls) == 1

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import circuitbreaker
+import circuitbreaker  # type: ignore[import-untyped]
 import pybreaker
 import pyresilience as pr
 import tenacity
@@ -143,7 +143,7 @@ def calibrate(row: Row, settings: Settings) -> None:
         elapsed = row.run(n)
         if elapsed > 20_000_000 or n >= row.max_n:  # 20 ms is enough to estimate
             break
-        n *= 4
+        n = min(n * 4, row.max_n)
     per_call = elapsed / n
     row.n = max(100, min(row.max_n, int(settings.repeat_s * 1e9 / per_call)))
     if row.after_repeat is not None:
@@ -162,11 +162,15 @@ def measure(rows: list[Row], settings: Settings) -> None:
         except Exception as exc:  # a broken row is reported, not fatal
             row.error = f"{type(exc).__name__}: {exc}"[:120]
     for _ in range(settings.repeats):
-        for row in live:
-            elapsed = row.run(row.n)
-            row.samples.append(elapsed / row.n)
-            if row.after_repeat is not None:
-                row.after_repeat()
+        for row in list(live):
+            try:
+                row.samples.append(row.run(row.n) / row.n)
+                if row.after_repeat is not None:
+                    row.after_repeat()
+            except Exception as exc:
+                row.error = f"{type(exc).__name__}: {exc}"[:120]
+                row.samples.clear()
+                live.remove(row)
 
 
 # --------------------------------------------------------------------------- peers
@@ -180,7 +184,7 @@ def tenacity_pybreaker_stack() -> Caller:
 
 def pybreaker_alone() -> Caller:
     breaker = pybreaker.CircuitBreaker()
-    return breaker(model)  # type: ignore[no-any-return]
+    return breaker(model)
 
 
 def circuitbreaker_alone() -> Caller:
@@ -212,7 +216,7 @@ def pyresilience_happy() -> Caller:
         circuit_breaker=pyresilience_breaker(),
         fallback=pr.FallbackConfig(handler=DEFAULT_ANSWER),
     )
-    return decorate(model)  # type: ignore[no-any-return]
+    return decorate(model)
 
 
 def pyresilience_degraded() -> Caller:
@@ -223,7 +227,7 @@ def pyresilience_degraded() -> Caller:
         ),
         fallback=pr.FallbackConfig(handler=DEFAULT_ANSWER),
     )
-    return decorate(failing_model)  # type: ignore[no-any-return]
+    return decorate(failing_model)
 
 
 def pyresilience_timeout() -> Caller:
@@ -231,12 +235,12 @@ def pyresilience_timeout() -> Caller:
         timeout=pr.TimeoutConfig(seconds=1.0, pool_size=8),
         circuit_breaker=pyresilience_breaker(),
     )
-    return decorate(model)  # type: ignore[no-any-return]
+    return decorate(model)
 
 
 def pyresilience_async_timeout() -> AsyncCaller:
     decorate = pr.resilient(timeout=pr.TimeoutConfig(seconds=1.0))
-    return decorate(amodel)  # type: ignore[no-any-return]
+    return decorate(amodel)
 
 
 def thread_pool_call(pool: concurrent.futures.ThreadPoolExecutor) -> Caller:

@@ -30,7 +30,10 @@ REJECTED = 0
 UNCOUNTED = -1  # admitted, but the outcome is not recorded (disabled, shadow overflow)
 
 _LEGAL = {
-    (CLOSED, OPEN), (OPEN, HALF_OPEN), (HALF_OPEN, CLOSED), (HALF_OPEN, OPEN),
+    (CLOSED, OPEN),
+    (OPEN, HALF_OPEN),
+    (HALF_OPEN, CLOSED),
+    (HALF_OPEN, OPEN),
 }
 _log = logging.getLogger("safeserve.breaker")
 
@@ -50,10 +53,19 @@ class BreakerEvent:
     ts: str = field(default_factory=lambda: now_utc().isoformat())
 
     def to_record(self) -> dict[str, Any]:
-        return {"kind": "breaker", "schema_version": 1, "id": self.id, "ts": self.ts,
-                "policy": self.policy, "owner": self.owner, "from_state": self.from_state,
-                "to_state": self.to_state, "shadow": self.shadow, "reason": self.reason,
-                "figures": self.figures}
+        return {
+            "kind": "breaker",
+            "schema_version": 1,
+            "id": self.id,
+            "ts": self.ts,
+            "policy": self.policy,
+            "owner": self.owner,
+            "from_state": self.from_state,
+            "to_state": self.to_state,
+            "shadow": self.shadow,
+            "reason": self.reason,
+            "figures": self.figures,
+        }
 
 
 Listener = Callable[[BreakerEvent], Any]
@@ -62,8 +74,13 @@ Listener = Callable[[BreakerEvent], Any]
 class Breaker:
     """An in-process circuit breaker for one guard."""
 
-    def __init__(self, config: BreakerConfig, policy: str = "", owner: str | None = None,
-                 listeners: list[Listener] | None = None) -> None:
+    def __init__(
+        self,
+        config: BreakerConfig,
+        policy: str = "",
+        owner: str | None = None,
+        listeners: list[Listener] | None = None,
+    ) -> None:
         self.config = config
         self.policy = policy
         self.owner = owner
@@ -72,12 +89,15 @@ class Breaker:
         self._lock = threading.Lock()
         self._shadow = config.mode == "metrics_only"
         self._window: CountWindow | TimeWindow = (
-            CountWindow(config.window_size) if config.window == "count"
-            else TimeWindow(config.window_size))
+            CountWindow(config.window_size)
+            if config.window == "count"
+            else TimeWindow(config.window_size)
+        )
         self._slow_s = config.slow_call_s
         self._ignore = tuple(config.ignore_on)
         self._record_on = tuple(config.record_on)
         self._epoch = 1
+        self._epoch_states: deque[tuple[int, str]] = deque(maxlen=16)
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -104,6 +124,19 @@ class Breaker:
         if self._state is OPEN and self.clock() >= self._open_until:
             return HALF_OPEN
         return self._state
+
+    def state_of(self, permit: int) -> str:
+        """The state in which the call holding `permit` was admitted."""
+        if self._shadow:
+            return METRICS_ONLY
+        if permit == self._epoch:
+            return self._state
+        if permit == UNCOUNTED:
+            return DISABLED
+        for epoch, state in reversed(self._epoch_states):
+            if epoch == permit:
+                return state
+        return self.state
 
     @property
     def machine_state(self) -> str:
@@ -153,8 +186,9 @@ class Breaker:
             return  # the window is full of successes already: nothing to change
         self._record(permit, SLOW if latency_s >= self._slow_s else 0)
 
-    def on_failure(self, permit: int, latency_s: float, exc: BaseException | None = None,
-                   timeout: bool = False) -> None:
+    def on_failure(
+        self, permit: int, latency_s: float, exc: BaseException | None = None, timeout: bool = False
+    ) -> None:
         """Record a failed call; exceptions in `ignore_on` (or outside `record_on`) don't count."""
         if permit != self._epoch:
             return
@@ -224,7 +258,7 @@ class Breaker:
     # -- transitions (called with the lock held) ---------------------------------------------
     def _open(self, reason: str) -> BreakerEvent:
         cfg = self.config
-        duration = cfg.open_s * cfg.open_backoff ** self._reopens
+        duration = cfg.open_s * cfg.open_backoff**self._reopens
         if cfg.max_open_s is not None:
             duration = min(duration, cfg.max_open_s)
         if self._state is HALF_OPEN:
@@ -238,6 +272,7 @@ class Breaker:
             raise AssertionError(f"illegal breaker transition {frm} -> {to}")
         figures = self._window.snapshot(self.clock()).as_dict()
         figures["consecutive_failures"] = self._consecutive
+        self._epoch_states.append((self._epoch, frm))
         self._state = to
         self._epoch += 1
         self.fast_permit = self._epoch if to is CLOSED else 0
@@ -290,8 +325,13 @@ class Breaker:
             self._epoch += 1
             self._reset_state()
             figures = self._window.snapshot(self.clock()).as_dict()
-        self._fire([BreakerEvent(self.policy, self.owner, frm, CLOSED, self._shadow, figures,
-                                 "manual reset")])
+        self._fire(
+            [
+                BreakerEvent(
+                    self.policy, self.owner, frm, CLOSED, self._shadow, figures, "manual reset"
+                )
+            ]
+        )
 
     # -- figures -----------------------------------------------------------------------------
     def figures(self) -> dict[str, Any]:

@@ -14,7 +14,7 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         return run_demo(args.out, args.seed, sys.stdout)
     except OSError as exc:
-        print(f"safeserve demo: {exc}", file=sys.stderr)
+        print(f"safeserve demo: cannot write the demo's files: {exc}", file=sys.stderr)
         return 2
 
 
@@ -22,17 +22,30 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subparser per subcommand."""
     parser = argparse.ArgumentParser(
         prog="safeserve",
-        description="Keep an ML model's answers coming when it fails, and record why.")
+        description="Keep an ML model's answers coming when it fails, and record why.",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
-        "demo", help="run a fraud model through injected faults and write its decision log",
+        "demo",
+        help="run a fraud model through injected faults and write its decision log",
         description="Serve a small fraud model through a guard while faults are injected in "
-                    "phases (malformed inputs, slow calls, errors, an outage, recovery, a drill); "
-                    "print what served each phase and write the decision log.")
-    demo.add_argument("--out", type=Path, default=None, metavar="DIR",
-                      help="directory for decisions.jsonl (default: a new ./safeserve-demo-out)")
-    demo.add_argument("--seed", type=int, default=7, metavar="N",
-                      help="seed of the synthetic traffic and faults (default: 7)")
+        "phases (malformed inputs, slow calls, errors, an outage, recovery, a drill); "
+        "print what served each phase and write the decision log.",
+    )
+    demo.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="directory for decisions.jsonl (default: a new ./safeserve-demo-out)",
+    )
+    demo.add_argument(
+        "--seed",
+        type=int,
+        default=7,
+        metavar="N",
+        help="seed of the synthetic traffic and faults (default: 7)",
+    )
     demo.set_defaults(handler=_demo)
     return parser
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ValidationError
 
-from safeserve.decisions import Reason
+from safeserve.decisions import RawReason
 from safeserve.policy import ConfidenceConfig
 
 _AUTO_KEYS = ("confidence", "score", "proba")
@@ -87,12 +87,13 @@ class ConfidenceCheck:
         self.threshold = config.threshold
         self.degrades = config.action == "fallback"
 
-    def judge(self, conf: float) -> Reason:
+    def judge(self, conf: float) -> RawReason:
         """The reason for a confidence under the threshold (a NaN confidence is invalid output)."""
         if math.isnan(conf):
-            return Reason(code="invalid_output", stage="confidence", detail="confidence is NaN")
-        return Reason(code="low_confidence", stage="confidence",
-                      detail=f"{conf:.4g} < {self.threshold:.4g}")
+            return RawReason(code="invalid_output", stage="confidence", detail="confidence is NaN")
+        return RawReason(
+            code="low_confidence", stage="confidence", detail=f"{conf:.4g} < {self.threshold:.4g}"
+        )
 
 
 def first_non_finite(value: Any, depth: int = 0) -> str | None:
@@ -148,15 +149,18 @@ class OutputCheck:
     def __init__(self, schema: type[BaseModel] | None) -> None:
         self.schema = schema
 
-    def __call__(self, answer: Any) -> Reason | None:
+    def __call__(self, answer: Any) -> RawReason | None:
         where = first_non_finite(answer)
         if where is not None:
-            return Reason(code="invalid_output", stage="output", detail=f"non-finite at {where}")
+            return RawReason(code="invalid_output", stage="output", detail=f"non-finite at {where}")
         if self.schema is not None:
             try:
                 self.schema.model_validate(answer)
             except ValidationError as err:
                 fields = sorted({".".join(map(str, e["loc"])) or "$" for e in err.errors()})
-                return Reason(code="invalid_output", stage="output",
-                              detail=f"schema: {', '.join(fields)}"[:200])
+                return RawReason(
+                    code="invalid_output",
+                    stage="output",
+                    detail=f"schema: {', '.join(fields)}"[:200],
+                )
         return None

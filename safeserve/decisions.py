@@ -11,10 +11,10 @@ import hmac
 import itertools
 import math
 import os
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
@@ -95,10 +95,13 @@ class Decision(BaseModel):
             "served_by": self.served_by,
             "degraded": self.degraded,
             "flagged": self.flagged,
-            "reasons": [{"code": r.code, "stage": r.stage, "detail": r.detail}
-                        for r in self.reasons],
-            "attempts": [{"name": a.name, "ok": a.ok, "latency_ms": a.latency_ms,
-                          "error": a.error} for a in self.attempts],
+            "reasons": [
+                {"code": r.code, "stage": r.stage, "detail": r.detail} for r in self.reasons
+            ],
+            "attempts": [
+                {"name": a.name, "ok": a.ok, "latency_ms": a.latency_ms, "error": a.error}
+                for a in self.attempts
+            ],
             "confidence": self.confidence,
             "breaker_state": self.breaker_state,
             "latency_ms": self.latency_ms,
@@ -113,12 +116,162 @@ class Decision(BaseModel):
         return rec
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What `.call()` returns: the answer and the decision behind it."""
+class RawReason(NamedTuple):
+    """A reason as the call path keeps it; becomes a `Reason` model on demand."""
 
-    value: Any
-    decision: Decision
+    code: str
+    stage: str
+    detail: str | None = None
+
+
+class RawAttempt(NamedTuple):
+    """An attempt as the call path keeps it; becomes an `Attempt` model on demand."""
+
+    name: str
+    ok: bool
+    latency_ms: float
+    error: str | None = None
+
+
+_UNSET: Any = object()
+
+
+class Record:
+    """A decision as the call path makes it: plain slots, cheap to build.
+
+    The pydantic `Decision` is built from it only when someone asks (`.call()`, `decisions()`,
+    `NoFallbackAvailable.decision`); the log writer renders `to_record()` straight from it.
+    """
+
+    __slots__ = (
+        "_decision",
+        "attempts",
+        "batch_id",
+        "breaker_state",
+        "confidence",
+        "degraded",
+        "flagged",
+        "id",
+        "inputs",
+        "latency_ms",
+        "model_version",
+        "output",
+        "owner",
+        "policy",
+        "reasons",
+        "row",
+        "served_by",
+        "ts",
+    )
+
+    def __init__(
+        self,
+        policy: str,
+        owner: str | None,
+        model_version: str | None,
+        served_by: str | None,
+        degraded: bool,
+        flagged: bool,
+        reasons: list[RawReason],
+        attempts: list[RawAttempt],
+        confidence: float | None,
+        breaker_state: str,
+        latency_ms: float,
+    ) -> None:
+        self.id = new_id()
+        self.ts = time.time()
+        self.policy = policy
+        self.owner = owner
+        self.model_version = model_version
+        self.served_by = served_by
+        self.degraded = degraded
+        self.flagged = flagged
+        self.reasons = reasons
+        self.attempts = attempts
+        self.confidence = confidence
+        self.breaker_state = breaker_state
+        self.latency_ms = latency_ms
+        self.inputs: Any = _UNSET
+        self.output: Any = _UNSET
+        self.row: int | None = None
+        self.batch_id: str | None = None
+        self._decision: Decision | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        """The JSON-safe log line (SPEC 2)."""
+        rec: dict[str, Any] = {
+            "kind": "decision",
+            "schema_version": SCHEMA_VERSION,
+            "id": self.id,
+            "ts": datetime.fromtimestamp(self.ts, UTC).isoformat(),
+            "policy": self.policy,
+            "owner": self.owner,
+            "model_version": self.model_version,
+            "served_by": self.served_by,
+            "degraded": self.degraded,
+            "flagged": self.flagged,
+            "reasons": [{"code": r[0], "stage": r[1], "detail": r[2]} for r in self.reasons],
+            "attempts": [
+                {"name": a[0], "ok": a[1], "latency_ms": a[2], "error": a[3]} for a in self.attempts
+            ],
+            "confidence": self.confidence,
+            "breaker_state": self.breaker_state,
+            "latency_ms": self.latency_ms,
+            "row": self.row,
+            "batch_id": self.batch_id,
+        }
+        if self.inputs is not _UNSET:
+            rec["inputs"] = self.inputs
+        if self.output is not _UNSET:
+            rec["output"] = self.output
+        return rec
+
+    def decision(self) -> Decision:
+        """The pydantic `Decision` of this record (built once)."""
+        if self._decision is None:
+            fields: dict[str, Any] = {
+                "id": self.id,
+                "ts": datetime.fromtimestamp(self.ts, UTC),
+                "policy": self.policy,
+                "owner": self.owner,
+                "model_version": self.model_version,
+                "served_by": self.served_by,
+                "degraded": self.degraded,
+                "flagged": self.flagged,
+                "reasons": [Reason(code=r[0], stage=r[1], detail=r[2]) for r in self.reasons],
+                "attempts": [
+                    Attempt(name=a[0], ok=a[1], latency_ms=a[2], error=a[3]) for a in self.attempts
+                ],
+                "confidence": self.confidence,
+                "breaker_state": self.breaker_state,
+                "latency_ms": self.latency_ms,
+                "row": self.row,
+                "batch_id": self.batch_id,
+            }
+            if self.inputs is not _UNSET:
+                fields["inputs"] = self.inputs
+            if self.output is not _UNSET:
+                fields["output"] = self.output
+            self._decision = Decision(**fields)
+        return self._decision
+
+
+class Outcome:
+    """What `.call()` returns: the answer (`value`) and the `decision` behind it."""
+
+    __slots__ = ("_record", "value")
+
+    def __init__(self, value: Any, record: Record | Decision) -> None:
+        self.value = value
+        self._record = record
+
+    @property
+    def decision(self) -> Decision:
+        r = self._record
+        return r if isinstance(r, Decision) else r.decision()
+
+    def __repr__(self) -> str:
+        return f"Outcome(value={self.value!r}, decision={self.decision!r})"
 
 
 def describe_error(exc: BaseException) -> str:

@@ -136,7 +136,9 @@ class _Bound:
 @overload
 def guard(policy: Callable[..., Any], /) -> Guarded: ...
 @overload
-def guard(policy: Policy | None = None, /, **fields: Any) -> Callable[[Callable[..., Any]], Guarded] | Guarded: ...  # noqa: E501
+def guard(
+    policy: Policy | None = None, /, **fields: Any
+) -> Callable[[Callable[..., Any]], Guarded] | Guarded: ...  # noqa: E501
 
 
 def guard(policy: Policy | Callable[..., Any] | None = None, /, **fields: Any) -> Any:

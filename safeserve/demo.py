@@ -37,8 +37,14 @@ FALLBACKS = ("fraud-v2", "cache", "rules", "static")
 Category = Literal["grocery", "fuel", "restaurant", "electronics", "travel", "gaming"]
 CATEGORIES: tuple[str, ...] = get_args(Category)
 CATEGORY_SHARE = (0.3, 0.15, 0.2, 0.15, 0.1, 0.1)
-CATEGORY_WEIGHT = {"grocery": -0.8, "fuel": -0.4, "restaurant": -0.2,
-                   "electronics": 0.9, "travel": 0.5, "gaming": 1.1}
+CATEGORY_WEIGHT = {
+    "grocery": -0.8,
+    "fuel": -0.4,
+    "restaurant": -0.2,
+    "electronics": 0.9,
+    "travel": 0.5,
+    "gaming": 1.1,
+}
 HOME = ("FR", "DE", "ES", "IT")
 COUNTRIES = (*HOME, "US", "BR", "TH", "AE")
 COUNTRY_SHARE = (0.35, 0.2, 0.15, 0.1, 0.08, 0.05, 0.04, 0.03)
@@ -59,14 +65,24 @@ class Txn(BaseModel):
 
 
 def _answer(p: float) -> dict[str, Any]:
-    return {"label": "decline" if p >= 0.5 else "approve", "score": round(p, 4),
-            "confidence": round(max(p, 1.0 - p), 4)}
+    return {
+        "label": "decline" if p >= 0.5 else "approve",
+        "score": round(p, 4),
+        "confidence": round(max(p, 1.0 - p), 4),
+    }
 
 
 def score_v3(x: dict[str, Any]) -> dict[str, Any]:
     """The primary model: a hand-written logistic regression over four features."""
-    features = np.array([1.0, math.log1p(x["amount"]), float(x["hour"] < 6),
-                         float(x["country"] not in HOME), CATEGORY_WEIGHT[x["merchant_category"]]])
+    features = np.array(
+        [
+            1.0,
+            math.log1p(x["amount"]),
+            float(x["hour"] < 6),
+            float(x["country"] not in HOME),
+            CATEGORY_WEIGHT[x["merchant_category"]],
+        ]
+    )
     return _answer(float(1.0 / (1.0 + np.exp(-(WEIGHTS @ features)))))
 
 
@@ -110,11 +126,11 @@ class Faults:
         return _answer(1.0 / (1.0 + math.exp(-z)))
 
 
+@dataclass
 class SimClock:
     """A monotonic clock the driver advances by one tick per call, so breaker timing is exact."""
 
-    def __init__(self) -> None:
-        self.now = 1000.0
+    now: float = 1000.0
 
     def __call__(self) -> float:
         return self.now
@@ -129,11 +145,13 @@ class Traffic:
 
     def _fresh(self) -> dict[str, Any]:
         rng = self.rng
-        return {"amount": round(float(rng.lognormal(3.5, 1.3)), 2),
-                "merchant_category": str(rng.choice(CATEGORIES, p=CATEGORY_SHARE)),
-                "hour": int(rng.integers(0, 24)),
-                "country": str(rng.choice(COUNTRIES, p=COUNTRY_SHARE)),
-                "card_number": f"4242-4242-4242-{int(rng.integers(10_000)):04d}"}
+        return {
+            "amount": round(float(rng.lognormal(3.5, 1.3)), 2),
+            "merchant_category": str(rng.choice(CATEGORIES, p=CATEGORY_SHARE)),
+            "hour": int(rng.integers(0, 24)),
+            "country": str(rng.choice(COUNTRIES, p=COUNTRY_SHARE)),
+            "card_number": f"4242-4242-4242-{int(rng.integers(10_000)):04d}",
+        }
 
     def transaction(self) -> dict[str, Any]:
         """A valid transaction: a repeat with probability REPEAT_RATE, else a new one."""
@@ -183,16 +201,30 @@ class Phase:
 
 PHASES = (
     Phase("healthy", 200, f"clean traffic; scores with confidence < {CONFIDENCE} fall back"),
-    Phase("malformed", 200, "30% of inputs fail the Txn schema (missing, negative, "
-          "out-of-range or mistyped fields)", malformed=0.3),
-    Phase("slow", 200, f"15% of calls take {SLOW_S * 1000:.0f} ms; the timeout is "
-          f"{TIMEOUT_S * 1000:.0f} ms", faults={"slow": 0.15}),
-    Phase("errors", 200, "15% transient ConnectionError (retried), 8% ValueError, "
-          "5% NaN scores", faults={"transient": 0.15, "crash": 0.08, "nan": 0.05}),
-    Phase("outage", 200, "model host down: v3 and fraud-v2 raise ConnectionError",
-          host_down=True),
-    Phase("recovery", 200, f"host back; the breaker half-opens after {OPEN_S} s "
-          "and closes after 3 good probes"),
+    Phase(
+        "malformed",
+        200,
+        "30% of inputs fail the Txn schema (missing, negative, out-of-range or mistyped fields)",
+        malformed=0.3,
+    ),
+    Phase(
+        "slow",
+        200,
+        f"15% of calls take {SLOW_S * 1000:.0f} ms; the timeout is {TIMEOUT_S * 1000:.0f} ms",
+        faults={"slow": 0.15},
+    ),
+    Phase(
+        "errors",
+        200,
+        "15% transient ConnectionError (retried), 8% ValueError, 5% NaN scores",
+        faults={"transient": 0.15, "crash": 0.08, "nan": 0.05},
+    ),
+    Phase("outage", 200, "model host down: v3 and fraud-v2 raise ConnectionError", host_down=True),
+    Phase(
+        "recovery",
+        200,
+        f"host back; the breaker half-opens after {OPEN_S} s and closes after 3 good probes",
+    ),
     Phase("drill", 50, 'calls inside ss.force_degradation(reason="timeout")', drill=True),
 )
 
@@ -201,29 +233,51 @@ def build_policy(faults: Faults, clock: SimClock, log_path: Path) -> ss.Policy:
     """The demo's policy: every stage of a guard configured, fallbacks from best to last resort."""
     rules = [
         ss.Rule(when={"amount": {"gt": 2000}}, then={"label": "review"}),
-        ss.Rule(when={"country": {"not_in": list(HOME)}, "hour": {"lt": 6}},
-                then={"label": "review"}),
+        ss.Rule(
+            when={"country": {"not_in": list(HOME)}, "hour": {"lt": 6}}, then={"label": "review"}
+        ),
         ss.Rule(when={"amount": {"le": 50}}, then={"label": "approve"}),
     ]
     # `schema` is an alias, which pydantic's mypy plugin does not accept here (yet)
     validation = ss.ValidationConfig(  # type: ignore[call-arg, unused-ignore]
-        schema=Txn, on_invalid="fallback")
+        schema=Txn, on_invalid="fallback"
+    )
     return ss.Policy(
-        name=POLICY, owner="risk-ml-oncall", model_version="v3",
+        name=POLICY,
+        owner="risk-ml-oncall",
+        model_version="v3",
         validation=validation,
         timeout_s=TIMEOUT_S,
-        retry=ss.RetryConfig(attempts=3, backoff_s=0.005, max_backoff_s=0.02, jitter=False,
-                             retry_on=[ConnectionError]),
-        breaker=ss.BreakerConfig(window="count", window_size=20, min_calls=10,
-                                 failure_rate_threshold=0.5, slow_call_s=1.0, open_s=OPEN_S,
-                                 half_open_calls=3, clock=clock),
+        retry=ss.RetryConfig(
+            attempts=3,
+            backoff_s=0.005,
+            max_backoff_s=0.02,
+            jitter=False,
+            retry_on=[ConnectionError],
+        ),
+        breaker=ss.BreakerConfig(
+            window="count",
+            window_size=20,
+            min_calls=10,
+            failure_rate_threshold=0.5,
+            slow_call_s=1.0,
+            open_s=OPEN_S,
+            half_open_calls=3,
+            clock=clock,
+        ),
         confidence=ss.ConfidenceConfig(threshold=CONFIDENCE),
-        fallbacks=[ss.Fallback.model("fraud-v2", faults.fraud_v2),
-                   ss.Fallback.cache("cache", ttl_s=3600, max_items=10_000),
-                   ss.Fallback.rules("rules", rules),  # no default: unmatched inputs go on
-                   ss.Fallback.static("static", {"label": "review"})],
-        log=ss.DecisionLogConfig(sink=str(log_path), sample_rate=SAMPLE_RATE,
-                                 include_outputs=True, redact=["card_number"]),
+        fallbacks=[
+            ss.Fallback.model("fraud-v2", faults.fraud_v2),
+            ss.Fallback.cache("cache", ttl_s=3600, max_items=10_000),
+            ss.Fallback.rules("rules", rules),  # no default: unmatched inputs go on
+            ss.Fallback.static("static", {"label": "review"}),
+        ],
+        log=ss.DecisionLogConfig(
+            sink=str(log_path),
+            sample_rate=SAMPLE_RATE,
+            include_outputs=True,
+            redact=["card_number"],
+        ),
     )
 
 
@@ -284,8 +338,11 @@ def run_phases(run: Run, on_phase: Callable[[PhaseResult], None]) -> None:
         result = PhaseResult(phase.name)
         faults.host_down = phase.host_down
         before = predict.stats()
-        drill = (ss.force_degradation(reason="timeout", policy=POLICY) if phase.drill
-                 else contextlib.nullcontext())
+        drill = (
+            ss.force_degradation(reason="timeout", policy=POLICY)
+            if phase.drill
+            else contextlib.nullcontext()
+        )
         with drill:
             for _ in range(phase.calls):
                 malformed = rng.random() < phase.malformed
@@ -310,14 +367,27 @@ def run_phases(run: Run, on_phase: Callable[[PhaseResult], None]) -> None:
         records, offset, bad = _read_new(run.log_path, offset)
         run.bad_lines += bad
         run.records.update(str(r.get("kind")) for r in records)
-        result.transitions = [(str(r["from_state"]), str(r["to_state"]))
-                              for r in records if r.get("kind") == "breaker"]
+        result.transitions = [
+            (str(r["from_state"]), str(r["to_state"]))
+            for r in records
+            if r.get("kind") == "breaker"
+        ]
         run.results.append(result)
         on_phase(result)
 
 
-COLUMNS = ("phase", "calls", "primary", *FALLBACKS, "failed", "retried", "p50 ms", "p99 ms",
-           "breaker", "reasons")
+COLUMNS = (
+    "phase",
+    "calls",
+    "primary",
+    *FALLBACKS,
+    "failed",
+    "retried",
+    "p50 ms",
+    "p99 ms",
+    "breaker",
+    "reasons",
+)
 _TEXT = {"phase": 9, "breaker": 11, "reasons": 0}
 
 
@@ -335,10 +405,18 @@ def table_row(result: PhaseResult | None) -> str:
     if result is None:
         return "  ".join(_cell(c, c) for c in COLUMNS).rstrip()
     p50, p99 = np.percentile(result.latencies_ms, [50, 99]) if result.latencies_ms else (0, 0)
-    values: list[object] = [result.name, result.calls, result.served_by["primary"],
-                            *(result.served_by[name] for name in FALLBACKS), result.failed,
-                            result.retried, f"{p50:.2f}", f"{p99:.2f}", result.breaker,
-                            _counts(result.reasons) or "-"]
+    values: list[object] = [
+        result.name,
+        result.calls,
+        result.served_by["primary"],
+        *(result.served_by[name] for name in FALLBACKS),
+        result.failed,
+        result.retried,
+        f"{p50:.2f}",
+        f"{p99:.2f}",
+        result.breaker,
+        _counts(result.reasons) or "-",
+    ]
     return "  ".join(_cell(c, v) for c, v in zip(COLUMNS, values, strict=True)).rstrip()
 
 
@@ -358,25 +436,33 @@ def _report(run: Run, say: Callable[[str], None]) -> None:
     if not any(r.transitions for r in run.results):
         say("  none logged")
     say("\nsummary")
-    say(f"  calls: {calls}; served by the primary: {served['primary']}; "
-        f"by a fallback: {fallbacks.total()}; unanswered: {sum(r.failed for r in run.results)}")
+    say(
+        f"  calls: {calls}; served by the primary: {served['primary']}; "
+        f"by a fallback: {fallbacks.total()}; unanswered: {sum(r.failed for r in run.results)}"
+    )
     say(f"  fallbacks that served: {_counts(fallbacks) or 'none'}")
     say(f"  degradation reasons: {_counts(reasons) or 'none'}")
     if reasons["fallback_failed"]:
-        say("    (fallback_failed: once per fallback that could not answer before one did, "
-            "e.g. a model error, a cache miss, no matching rule)")
+        say(
+            "    (fallback_failed: once per fallback that could not answer before one did, "
+            "e.g. a model error, a cache miss, no matching rule)"
+        )
     kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(run.records.items()))
     say(f"  decision log: {run.log_path}")
-    say(f"    {run.records.total()} records ({kinds or 'none'}); degraded calls are all "
-        f"logged, healthy ones sampled at {SAMPLE_RATE:.0%}; card_number is redacted")
+    say(
+        f"    {run.records.total()} records ({kinds or 'none'}); degraded calls are all "
+        f"logged, healthy ones sampled at {SAMPLE_RATE:.0%}; card_number is redacted"
+    )
     if run.bad_lines:
         say(f"    warning: {run.bad_lines} log lines were not valid JSON")
     log = shlex.quote(str(run.log_path))
     say("\nnext")
     say(f"  head -n 3 {log} | python -m json.tool --json-lines   # read a few records")
     say(f"  grep -c breaker_open {log}   # how many records mention a reason")
-    say("  not in this version yet: `safeserve baseline` and `safeserve skew "
-        f"{log} --baseline baseline.json` (drift and degradation report)")
+    say(
+        "  not in this version yet: `safeserve baseline` and `safeserve skew "
+        f"{log} --baseline baseline.json` (drift and degradation report)"
+    )
 
 
 def prepare_out_dir(out: Path | None) -> tuple[Path, bool]:
@@ -395,6 +481,7 @@ def prepare_out_dir(out: Path | None) -> tuple[Path, bool]:
 
 def run_demo(out: Path | None, seed: int, stream: TextIO) -> int:
     """Run every phase, print the phase table and the summary; returns the exit code."""
+
     def say(line: str) -> None:
         print(line, file=stream, flush=True)
 
@@ -402,19 +489,21 @@ def run_demo(out: Path | None, seed: int, stream: TextIO) -> int:
     out_dir, replaced = prepare_out_dir(out)
     run = Run(out_dir / LOG_NAME, seed)
     say(f'safeserve demo: policy "{POLICY}" (owner risk-ml-oncall), seed {seed}')
-    say(f"  output directory: {out_dir}" + (" (previous decisions.jsonl replaced)"
-                                            if replaced else ""))
+    say(f"  output directory: {out_dir}{' (its old decisions.jsonl replaced)' * replaced}")
     say(f"  primary: v3, a logistic fraud scorer; fallbacks in order: {', '.join(FALLBACKS)}")
-    say(f"  guard: timeout {TIMEOUT_S * 1000:.0f} ms, 3 attempts on ConnectionError, breaker "
+    say(
+        f"  guard: timeout {TIMEOUT_S * 1000:.0f} ms, 3 attempts on ConnectionError, breaker "
         f"opens at 50% failures of the last 20 calls, open {OPEN_S} s on a clock simulating "
-        f"{1 / TICK_S:.0f} calls/s")
+        f"{1 / TICK_S:.0f} calls/s"
+    )
     say("\nphases")
     for phase in PHASES:
         say(f"  {phase.name:<9}  {phase.calls:>3} calls  {phase.story}")
-    say("")
-    say("columns: answers by source (failed: nothing answered); retried: the primary needed "
+    say(
+        "\ncolumns: answers by source (failed: nothing answered); retried: the primary needed "
         "more than one attempt;\n         latency per call; the breaker's state at the end of "
-        "the phase; reasons as counted by stats()\n")
+        "the phase; reasons as counted by stats()\n"
+    )
     say(table_row(None))
     run_phases(run, lambda result: say(table_row(result)))
     _report(run, say)

@@ -80,8 +80,12 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return out
 
 
-_BOUND_WORDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<",
-                "less_than_equal": "<="}
+_BOUND_WORDS = {
+    "greater_than": ">",
+    "greater_than_equal": ">=",
+    "less_than": "<",
+    "less_than_equal": "<=",
+}
 
 
 def _friendly_message(e: Any) -> str:

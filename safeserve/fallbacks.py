@@ -43,8 +43,14 @@ def _not_contains(value: Any, options: Any) -> bool:
 
 
 _OPS: dict[str, Callable[[Any, Any], bool]] = {
-    "eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le,
-    "gt": operator.gt, "ge": operator.ge, "in": _contains, "not_in": _not_contains,
+    "eq": operator.eq,
+    "ne": operator.ne,
+    "lt": operator.lt,
+    "le": operator.le,
+    "gt": operator.gt,
+    "ge": operator.ge,
+    "in": _contains,
+    "not_in": _not_contains,
     "is_null": _is_null,
 }
 
@@ -63,8 +69,11 @@ class CompiledRule:
 
     def __init__(self, rule: Rule) -> None:
         self.then = rule.then
-        self.conds = [(f, op, _OPS[op], v if op not in ("in", "not_in") else _frozen(v))
-                      for f, cs in rule.when.items() for op, v in cs.items()]
+        self.conds = [
+            (f, op, _OPS[op], v if op not in ("in", "not_in") else _frozen(v))
+            for f, cs in rule.when.items()
+            for op, v in cs.items()
+        ]
 
     def matches(self, x: Any) -> bool:
         for name, op, fn, wanted in self.conds:
@@ -115,12 +124,14 @@ class FallbackStep:
         self.threshold = config.threshold
         self.is_async = False
 
-    def answer(self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-               time_left: float | None) -> Any:
+    def answer(
+        self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any], time_left: float | None
+    ) -> Any:
         raise NotImplementedError
 
-    async def answer_async(self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                           time_left: float | None) -> Any:
+    async def answer_async(
+        self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any], time_left: float | None
+    ) -> Any:
         return self.answer(x, args, kwargs, time_left)
 
     def below_threshold(self, answer: Any) -> float | None:
@@ -149,8 +160,9 @@ class ModelStep(FallbackStep):
             return time_left
         return self.timeout_s if time_left is None else min(self.timeout_s, time_left)
 
-    def answer(self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-               time_left: float | None) -> Any:
+    def answer(
+        self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any], time_left: float | None
+    ) -> Any:
         if self.is_async:
             raise TypeError(f"fallback {self.name!r} is async; guard an async function to use it")
         timeout = self._timeout(time_left)
@@ -160,8 +172,9 @@ class ModelStep(FallbackStep):
             self._pool = WorkerPool(f"{self._pool_name}-{self.name}", 4, 16)
         return self._pool.run(self.fn, args, kwargs, timeout)
 
-    async def answer_async(self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                           time_left: float | None) -> Any:
+    async def answer_async(
+        self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any], time_left: float | None
+    ) -> Any:
         timeout = self._timeout(time_left)
         if not self.is_async:
             if timeout is None:
@@ -184,8 +197,9 @@ class RulesStep(FallbackStep):
         self.rules = [CompiledRule(r) for r in config.table]
         self.default = config.default
 
-    def answer(self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-               time_left: float | None) -> Any:
+    def answer(
+        self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any], time_left: float | None
+    ) -> Any:
         for rule in self.rules:
             if rule.matches(x):
                 return rule.then
@@ -215,8 +229,9 @@ class CacheStep(FallbackStep):
             if len(self._items) > self.max_items:
                 self._items.popitem(last=False)
 
-    def answer(self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-               time_left: float | None) -> Any:
+    def answer(
+        self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any], time_left: float | None
+    ) -> Any:
         key = freeze(x)
         with self._lock:
             item = self._items.get(key)
@@ -241,8 +256,9 @@ class StaticStep(FallbackStep):
         super().__init__(config)
         self.value = config.value
 
-    def answer(self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-               time_left: float | None) -> Any:
+    def answer(
+        self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any], time_left: float | None
+    ) -> Any:
         return self.value
 
 

@@ -26,15 +26,14 @@ from safeserve import registry
 from safeserve.breaker import REJECTED, Breaker, BreakerEvent
 from safeserve.confidence import ConfidenceCheck, OutputCheck, first_non_finite
 from safeserve.decisions import (
-    Attempt,
     Decision,
     InputRecorder,
     Outcome,
-    Reason,
+    RawAttempt,
+    RawReason,
+    Record,
     describe_error,
     json_safe,
-    new_id,
-    now_utc,
 )
 from safeserve.errors import AttemptTimeout, InputRejected, NoFallbackAvailable, Overloaded
 from safeserve.fallbacks import CacheStep, FallbackStep, NoAnswer, build_steps
@@ -52,9 +51,16 @@ class Degradation:
 
     __slots__ = ("args", "attempts", "confidence", "flagged", "kwargs", "reasons", "state", "x")
 
-    def __init__(self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any], state: str,
-                 reasons: list[Reason], attempts: list[Attempt] | None = None,
-                 confidence: float | None = None) -> None:
+    def __init__(
+        self,
+        x: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        state: str,
+        reasons: list[RawReason],
+        attempts: list[RawAttempt] | None = None,
+        confidence: float | None = None,
+    ) -> None:
         self.x = x
         self.args = args
         self.kwargs = kwargs
@@ -95,37 +101,52 @@ class Guard:
         self._timeout_s = policy.timeout_s
         self._retry = RetryRunner(policy.retry) if policy.retry else None
         attempt_timeout = policy.retry.attempt_timeout_s if policy.retry else None
-        self._pool = (WorkerPool(policy.name, policy.workers, policy.max_abandoned)
-                      if not self.is_async and (self._timeout_s or attempt_timeout) else None)
+        self._pool = (
+            WorkerPool(policy.name, policy.workers, policy.max_abandoned)
+            if not self.is_async and (self._timeout_s or attempt_timeout)
+            else None
+        )
         self._attempt_timeout = attempt_timeout
         self._has_deadline = bool(self._timeout_s or attempt_timeout)
-        self._bulkhead = (threading.BoundedSemaphore(policy.max_concurrent)
-                          if policy.max_concurrent else None)
+        self._bulkhead = (
+            threading.BoundedSemaphore(policy.max_concurrent) if policy.max_concurrent else None
+        )
         # -- records
         log = policy.log
-        self._writer: LogWriter | None = (writer_for(log.sink, log.queue_size)
-                                          if log is not None and log.sink is not None else None)
+        self._writer: LogWriter | None = (
+            writer_for(log.sink, log.queue_size)
+            if log is not None and log.sink is not None
+            else None
+        )
         self._sample_rate = log.sample_rate if log is not None else 0.0
         self._include_inputs = log.include_inputs if log is not None else True
         self._include_outputs = log.include_outputs if log is not None else False
-        self._recorder = InputRecorder(log.redact if log else [], log.hash if log else [],
-                                       log.hash_salt if log else None)
-        self._ring: deque[Decision] = deque(maxlen=log.ring_size if log else 1000)
-        self.breaker = Breaker(policy.breaker, policy.name, policy.owner,
-                               listeners=[self._on_breaker_event])
+        self._recorder = InputRecorder(
+            log.redact if log else [], log.hash if log else [], log.hash_salt if log else None
+        )
+        self._ring: deque[Record] = deque(maxlen=log.ring_size if log else 1000)
+        self.breaker = Breaker(
+            policy.breaker, policy.name, policy.owner, listeners=[self._on_breaker_event]
+        )
         # -- counters: healthy calls on a lock-free counter, the rest under a lock
         self._healthy_count = itertools.count()
         self._lock = threading.Lock()
         self._served: dict[str, int] = {}
         self._reasons: dict[str, int] = {}
-        self._counts = {"degraded": 0, "flagged": 0, "failed": 0, "rejected": 0,
-                        "dropped_records": 0}
+        self._counts = {
+            "degraded": 0,
+            "flagged": 0,
+            "failed": 0,
+            "rejected": 0,
+            "dropped_records": 0,
+        }
         self.ok_latency_s = 0.0  # running mean of healthy primary latency, for retry planning
         registry.register(self)
 
     # -- the sync driver ---------------------------------------------------------------------
-    def run_sync(self, args: tuple[Any, ...], kwargs: dict[str, Any], offset: int,
-                 want: bool) -> Any:
+    def run_sync(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], offset: int, want: bool
+    ) -> Any:
         """One guarded sync call; returns the answer, or an `Outcome` when `want`."""
         t0 = perf_counter()
         if self.forced is not None:
@@ -135,14 +156,16 @@ class Guard:
             try:
                 x, args = self._validate(x, args, offset)
             except Invalid as inv:
-                return self._fallback_sync(self._invalid(inv, x, args, kwargs, t0), offset, t0,
-                                           want)
+                return self._fallback_sync(
+                    self._invalid(inv, x, args, kwargs, t0), offset, t0, want
+                )
         breaker = self.breaker
         permit = breaker.fast_permit or breaker.admit()
         if permit == REJECTED or (self._bulkhead is not None and not self._enter_bulkhead()):
-            return self._fallback_sync(self._not_admitted(permit, x, args, kwargs), offset, t0,
-                                       want)
-        attempts: list[Attempt] | None = None
+            return self._fallback_sync(
+                self._not_admitted(permit, x, args, kwargs), offset, t0, want
+            )
+        attempts: list[RawAttempt] | None = None
         try:
             if self._pool is None:
                 value = self.fn(*args, **kwargs)
@@ -167,31 +190,45 @@ class Guard:
         if check is not None:
             conf = check.extract(value)
             if conf is not None and not conf >= check.threshold:
-                d = self._low_confidence(check, conf, x, args, kwargs, latency, attempts)
+                d = self._low_confidence(check, conf, x, args, kwargs, permit, latency, attempts)
                 if d.flagged:
                     return self._finish(d, value, "primary", offset, t0, want)
                 return self._fallback_sync(d, offset, t0, want)
+        if self._retry is not None and attempts is None:
+            # a running mean of healthy latency: retries never start an attempt it won't fit
+            self.ok_latency_s += (latency - self.ok_latency_s) * 0.1
         if self._caches:
             for cache in self._caches:
                 cache.remember(x, value)
         next(self._healthy_count)
         if self._sample_rate and random() < self._sample_rate:
-            return self._healthy_record(value, x, t0, latency, attempts, want, logged=True)
+            return self._healthy_record(value, x, t0, latency, permit, attempts, want, logged=True)
         if want:
-            return self._healthy_record(value, x, t0, latency, attempts, want, logged=False)
+            return self._healthy_record(value, x, t0, latency, permit, attempts, want, logged=False)
         return value
 
-    def _healthy(self, value: Any, x: Any, t0: float, latency: float,
-                 attempts: list[Attempt] | None, want: bool) -> Any:
+    def _healthy(
+        self,
+        value: Any,
+        x: Any,
+        t0: float,
+        latency: float,
+        permit: int,
+        attempts: list[RawAttempt] | None,
+        want: bool,
+    ) -> Any:
         """Bookkeeping of a healthy call: the cache, the counter, a sampled record."""
+        if self._retry is not None and attempts is None:
+            # a running mean of healthy latency: retries never start an attempt it won't fit
+            self.ok_latency_s += (latency - self.ok_latency_s) * 0.1
         if self._caches:
             for cache in self._caches:
                 cache.remember(x, value)
         next(self._healthy_count)
         if self._sample_rate and random() < self._sample_rate:
-            return self._healthy_record(value, x, t0, latency, attempts, want, logged=True)
+            return self._healthy_record(value, x, t0, latency, permit, attempts, want, logged=True)
         if want:
-            return self._healthy_record(value, x, t0, latency, attempts, want, logged=False)
+            return self._healthy_record(value, x, t0, latency, permit, attempts, want, logged=False)
         return value
 
     def _first_timeout(self, t0: float) -> float:
@@ -201,24 +238,36 @@ class Guard:
         left = budget - (perf_counter() - t0)
         return left if self._attempt_timeout is None else min(left, self._attempt_timeout)
 
-    def _after_failure_sync(self, exc: Exception, x: Any, args: tuple[Any, ...],
-                            kwargs: dict[str, Any], permit: int, t0: float
-                            ) -> tuple[Any, list[Attempt], Degradation | None]:
+    def _after_failure_sync(
+        self,
+        exc: Exception,
+        x: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        permit: int,
+        t0: float,
+    ) -> tuple[Any, list[RawAttempt], Degradation | None]:
         """Retry when the policy says so; a Degradation when the primary finally failed."""
         attempts = [self._attempt_of(exc, perf_counter() - t0)]
         if self._retry is not None and self._retry.retries(exc):
             deadline = t0 + self._timeout_s if self._timeout_s is not None else None
             try:
                 value = self._retry.run_sync(
-                    exc, self._attempt_sync(args, kwargs, deadline, attempts), deadline, self)
+                    exc, self._attempt_sync(args, kwargs, deadline, attempts), deadline, self
+                )
             except Exception as final:
                 exc = final
             else:
                 return value, attempts, None
         return None, attempts, self._primary_failed(exc, x, args, kwargs, permit, t0, attempts)
 
-    def _attempt_sync(self, args: tuple[Any, ...], kwargs: dict[str, Any],
-                      deadline: float | None, attempts: list[Attempt]) -> Callable[[], Any]:
+    def _attempt_sync(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        deadline: float | None,
+        attempts: list[RawAttempt],
+    ) -> Callable[[], Any]:
         def attempt() -> Any:
             t = perf_counter()
             try:
@@ -226,13 +275,20 @@ class Guard:
                     value = self.fn(*args, **kwargs)
                 else:
                     left = None if deadline is None else deadline - t
-                    limit = self._attempt_timeout if left is None else (
-                        left if self._attempt_timeout is None else min(left, self._attempt_timeout))
+                    limit = (
+                        self._attempt_timeout
+                        if left is None
+                        else (
+                            left
+                            if self._attempt_timeout is None
+                            else min(left, self._attempt_timeout)
+                        )
+                    )
                     value = self._pool.run(self.fn, args, kwargs, limit)  # type: ignore[arg-type]
             except Exception as exc:
                 attempts.append(self._attempt_of(exc, perf_counter() - t))
                 raise
-            attempts.append(Attempt(name="primary", ok=True, latency_ms=_ms(perf_counter() - t)))
+            attempts.append(RawAttempt(name="primary", ok=True, latency_ms=_ms(perf_counter() - t)))
             return value
 
         return attempt
@@ -251,8 +307,9 @@ class Guard:
         return self._finish(d, None, None, offset, t0, want)
 
     # -- the async driver: the same steps, awaiting the model and the sleeps ------------------
-    async def run_async(self, args: tuple[Any, ...], kwargs: dict[str, Any], offset: int,
-                        want: bool) -> Any:
+    async def run_async(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], offset: int, want: bool
+    ) -> Any:
         """One guarded async call; returns the answer, or an `Outcome` when `want`."""
         t0 = perf_counter()
         if self.forced is not None:
@@ -262,14 +319,16 @@ class Guard:
             try:
                 x, args = self._validate(x, args, offset)
             except Invalid as inv:
-                return await self._fallback_async(self._invalid(inv, x, args, kwargs, t0), offset,
-                                                  t0, want)
+                return await self._fallback_async(
+                    self._invalid(inv, x, args, kwargs, t0), offset, t0, want
+                )
         breaker = self.breaker
         permit = breaker.fast_permit or breaker.admit()
         if permit == REJECTED or (self._bulkhead is not None and not self._enter_bulkhead()):
-            return await self._fallback_async(self._not_admitted(permit, x, args, kwargs), offset,
-                                              t0, want)
-        attempts: list[Attempt] | None = None
+            return await self._fallback_async(
+                self._not_admitted(permit, x, args, kwargs), offset, t0, want
+            )
+        attempts: list[RawAttempt] | None = None
         try:
             if self._has_deadline:
                 value = await _await_within(self.fn(*args, **kwargs), self._first_timeout(t0))
@@ -282,7 +341,8 @@ class Guard:
                 deadline = t0 + self._timeout_s if self._timeout_s is not None else None
                 try:
                     value = await self._retry.run_async(
-                        exc, self._attempt_async(args, kwargs, deadline, attempts), deadline, self)
+                        exc, self._attempt_async(args, kwargs, deadline, attempts), deadline, self
+                    )
                     failed = None
                 except Exception as final:
                     failed = final
@@ -303,19 +363,27 @@ class Guard:
         if check is not None:
             conf = check.extract(value)
             if conf is not None and not conf >= check.threshold:
-                d = self._low_confidence(check, conf, x, args, kwargs, latency, attempts)
+                d = self._low_confidence(check, conf, x, args, kwargs, permit, latency, attempts)
                 if d.flagged:
                     return self._finish(d, value, "primary", offset, t0, want)
                 return await self._fallback_async(d, offset, t0, want)
-        return self._healthy(value, x, t0, latency, attempts, want)
+        return self._healthy(value, x, t0, latency, permit, attempts, want)
 
-    def _attempt_async(self, args: tuple[Any, ...], kwargs: dict[str, Any],
-                       deadline: float | None, attempts: list[Attempt]) -> Callable[[], Any]:
+    def _attempt_async(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        deadline: float | None,
+        attempts: list[RawAttempt],
+    ) -> Callable[[], Any]:
         async def attempt() -> Any:
             t = perf_counter()
             left = None if deadline is None else deadline - t
-            limit = self._attempt_timeout if left is None else (
-                left if self._attempt_timeout is None else min(left, self._attempt_timeout))
+            limit = (
+                self._attempt_timeout
+                if left is None
+                else (left if self._attempt_timeout is None else min(left, self._attempt_timeout))
+            )
             try:
                 if limit is None:
                     value = await self.fn(*args, **kwargs)
@@ -324,7 +392,7 @@ class Guard:
             except Exception as exc:
                 attempts.append(self._attempt_of(exc, perf_counter() - t))
                 raise
-            attempts.append(Attempt(name="primary", ok=True, latency_ms=_ms(perf_counter() - t)))
+            attempts.append(RawAttempt(name="primary", ok=True, latency_ms=_ms(perf_counter() - t)))
             return value
 
         return attempt
@@ -346,75 +414,125 @@ class Guard:
     def _validate(self, x: Any, args: tuple[Any, ...], offset: int) -> tuple[Any, tuple[Any, ...]]:
         for validator in self._validators:
             x = validator(x)
-        return x, (*args[:offset], x, *args[offset + 1:])
+        return x, (*args[:offset], x, *args[offset + 1 :])
 
-    def _invalid(self, inv: Invalid, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                 t0: float) -> Degradation:
+    def _invalid(
+        self, inv: Invalid, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any], t0: float
+    ) -> Degradation:
         if self._reject_invalid:
             self._count(None, ["invalid_input", "rejected"], rejected=True)
-            d = Degradation(x, args, kwargs, self.breaker.state,
-                            [Reason(code="invalid_input", stage="validate",
-                                    detail=_problems_detail(inv)),
-                             Reason(code="rejected", stage="validate")])
+            d = Degradation(
+                x,
+                args,
+                kwargs,
+                self.breaker.state,
+                [
+                    RawReason(code="invalid_input", stage="validate", detail=_problems_detail(inv)),
+                    RawReason(code="rejected", stage="validate"),
+                ],
+            )
             self._finish_record(d, None, None, t0)
             raise InputRejected(self.name, inv.problems)
-        return Degradation(x, args, kwargs, self.breaker.state,
-                           [Reason(code="invalid_input", stage="validate",
-                                   detail=_problems_detail(inv))])
+        return Degradation(
+            x,
+            args,
+            kwargs,
+            self.breaker.state,
+            [RawReason(code="invalid_input", stage="validate", detail=_problems_detail(inv))],
+        )
 
     def _drill(self, args: tuple[Any, ...], kwargs: dict[str, Any], offset: int) -> Degradation:
         x = args[offset] if len(args) > offset else None
-        reasons = [Reason(code="forced", stage="drill", detail=self.forced)]
+        reasons = [RawReason(code="forced", stage="drill", detail=self.forced)]
         if self.forced != "forced":
-            reasons.insert(0, Reason(code=str(self.forced), stage="drill", detail="forced"))
+            reasons.insert(0, RawReason(code=str(self.forced), stage="drill", detail="forced"))
         return Degradation(x, args, kwargs, self.breaker.state, reasons)
 
-    def _primary_failed(self, exc: Exception, x: Any, args: tuple[Any, ...],
-                        kwargs: dict[str, Any], permit: int, started: float,
-                        attempts: list[Attempt]) -> Degradation:
+    def _primary_failed(
+        self,
+        exc: Exception,
+        x: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        permit: int,
+        started: float,
+        attempts: list[RawAttempt],
+    ) -> Degradation:
         latency = perf_counter() - started
         if isinstance(exc, Overloaded):
             self.breaker.release(permit)
-            reason = Reason(code="overloaded", stage=_CALL_STAGE, detail=str(exc))
+            reason = RawReason(code="overloaded", stage=_CALL_STAGE, detail=str(exc))
         else:
             is_timeout = isinstance(exc, TimeoutError)
             self.breaker.on_failure(permit, latency, exc, timeout=is_timeout)
-            reason = Reason(code="timeout" if is_timeout else "error", stage=_CALL_STAGE,
-                            detail=describe_error(exc))
-        return Degradation(x, args, kwargs, self.breaker.state, [reason], attempts)
+            reason = RawReason(
+                code="timeout" if is_timeout else "error",
+                stage=_CALL_STAGE,
+                detail=describe_error(exc),
+            )
+        return Degradation(x, args, kwargs, self.breaker.state_of(permit), [reason], attempts)
 
-    def _attempt_of(self, exc: BaseException, latency: float) -> Attempt:
-        return Attempt(name="primary", ok=False, latency_ms=_ms(latency),
-                       error=describe_error(exc))
+    def _attempt_of(self, exc: BaseException, latency: float) -> RawAttempt:
+        return RawAttempt(
+            name="primary", ok=False, latency_ms=_ms(latency), error=describe_error(exc)
+        )
 
-    def _bad_output(self, value: Any, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                    permit: int, latency: float, attempts: list[Attempt] | None
-                    ) -> Degradation | None:
+    def _bad_output(
+        self,
+        value: Any,
+        x: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        permit: int,
+        latency: float,
+        attempts: list[RawAttempt] | None,
+    ) -> Degradation | None:
         """A Degradation when the answer holds non-finite numbers or fails the output schema."""
         bad = self._output_check(value)
         if bad is None:
             return None
         self.breaker.on_failure(permit, latency)
-        return Degradation(x, args, kwargs, self.breaker.state, [bad],
-                           _primary_attempts(attempts, latency, bad.detail))
+        return Degradation(
+            x,
+            args,
+            kwargs,
+            self.breaker.state_of(permit),
+            [bad],
+            _primary_attempts(attempts, latency, bad.detail),
+        )
 
-    def _low_confidence(self, check: ConfidenceCheck, conf: float, x: Any,
-                        args: tuple[Any, ...], kwargs: dict[str, Any], latency: float,
-                        attempts: list[Attempt] | None) -> Degradation:
+    def _low_confidence(
+        self,
+        check: ConfidenceCheck,
+        conf: float,
+        x: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        permit: int,
+        latency: float,
+        attempts: list[RawAttempt] | None,
+    ) -> Degradation:
         low = check.judge(conf)
-        d = Degradation(x, args, kwargs, self.breaker.state, [low],
-                        _primary_attempts(attempts, latency, None),
-                        None if math.isnan(conf) else conf)
+        d = Degradation(
+            x,
+            args,
+            kwargs,
+            self.breaker.state_of(permit),
+            [low],
+            _primary_attempts(attempts, latency, None),
+            None if math.isnan(conf) else conf,
+        )
         d.flagged = not check.degrades and low.code == "low_confidence"
         return d
 
-    def _not_admitted(self, permit: int, x: Any, args: tuple[Any, ...],
-                      kwargs: dict[str, Any]) -> Degradation:
+    def _not_admitted(
+        self, permit: int, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Degradation:
         if permit == REJECTED:
-            reason = Reason(code="breaker_open", stage="admit")
+            reason = RawReason(code="breaker_open", stage="admit")
         else:
             self.breaker.release(permit)
-            reason = Reason(code="overloaded", stage="admit", detail="max_concurrent reached")
+            reason = RawReason(code="overloaded", stage="admit", detail="max_concurrent reached")
         return Degradation(x, args, kwargs, self.breaker.state, [reason])
 
     def _enter_bulkhead(self) -> bool:
@@ -422,84 +540,126 @@ class Guard:
         wait = self.policy.max_wait_s
         return self._bulkhead.acquire(timeout=wait) if wait else self._bulkhead.acquire(False)
 
-    def _fallback_failed(self, d: Degradation, step: FallbackStep, exc: Exception,
-                         latency: float) -> None:
-        detail = f"{step.name}: {describe_error(exc)}" if not isinstance(exc, NoAnswer) \
-            else f"{step.name}: {exc}"
-        d.attempts.append(Attempt(name=step.name, ok=False, latency_ms=_ms(latency),
-                                  error=describe_error(exc)))
-        d.reasons.append(Reason(code="fallback_failed", stage="fallback", detail=detail[:200]))
+    def _fallback_failed(
+        self, d: Degradation, step: FallbackStep, exc: Exception, latency: float
+    ) -> None:
+        error = str(exc) if isinstance(exc, NoAnswer) else describe_error(exc)
+        detail = f"{step.name}: {error}"
+        d.attempts.append(
+            RawAttempt(name=step.name, ok=False, latency_ms=_ms(latency), error=error)
+        )
+        d.reasons.append(RawReason(code="fallback_failed", stage="fallback", detail=detail[:200]))
 
-    def _fallback_ok(self, d: Degradation, step: FallbackStep, value: Any,
-                     latency: float) -> bool:
+    def _fallback_ok(self, d: Degradation, step: FallbackStep, value: Any, latency: float) -> bool:
         low = step.below_threshold(value)
         if low is None:
-            d.attempts.append(Attempt(name=step.name, ok=True, latency_ms=_ms(latency)))
+            d.attempts.append(RawAttempt(name=step.name, ok=True, latency_ms=_ms(latency)))
             return True
-        d.attempts.append(Attempt(name=step.name, ok=False, latency_ms=_ms(latency),
-                                  error=f"confidence {low:.4g} < {step.threshold}"))
-        d.reasons.append(Reason(code="fallback_failed", stage="fallback",
-                                detail=f"{step.name}: low confidence"))
+        d.attempts.append(
+            RawAttempt(
+                name=step.name,
+                ok=False,
+                latency_ms=_ms(latency),
+                error=f"confidence {low:.4g} < {step.threshold}",
+            )
+        )
+        d.reasons.append(
+            RawReason(
+                code="fallback_failed", stage="fallback", detail=f"{step.name}: low confidence"
+            )
+        )
         return False
 
     # -- records ------------------------------------------------------------------------------
-    def _finish(self, d: Degradation, value: Any, served_by: str | None, offset: int,
-                t0: float, want: bool) -> Any:
+    def _finish(
+        self, d: Degradation, value: Any, served_by: str | None, offset: int, t0: float, want: bool
+    ) -> Any:
         codes = [r.code for r in d.reasons]
         if d.flagged:
             next(self._healthy_count)
             self._count(None, codes, flagged=True)
         else:
             self._count(served_by, codes, failed=served_by is None)
-        decision = self._finish_record(d, value, served_by, t0)
+        record = self._finish_record(d, value, served_by, t0)
         if served_by is None:
-            raise NoFallbackAvailable(decision)
-        return Outcome(value, decision) if want else value
+            raise NoFallbackAvailable(record.decision())
+        return Outcome(value, record) if want else value
 
-    def _finish_record(self, d: Degradation, value: Any, served_by: str | None,
-                       t0: float) -> Decision:
-        fields: dict[str, Any] = {
-            "id": new_id(), "ts": now_utc(), "policy": self.name, "owner": self.policy.owner,
-            "model_version": self.policy.model_version, "served_by": served_by,
-            "degraded": not d.flagged, "flagged": d.flagged, "reasons": d.reasons,
-            "attempts": d.attempts, "confidence": d.confidence, "breaker_state": d.state,
-            "latency_ms": _ms(perf_counter() - t0),
-        }
-        return self._emit(fields, d.x, value)
+    def _finish_record(
+        self, d: Degradation, value: Any, served_by: str | None, t0: float
+    ) -> Record:
+        p = self.policy
+        record = Record(
+            self.name,
+            p.owner,
+            p.model_version,
+            served_by,
+            not d.flagged,
+            d.flagged,
+            d.reasons,
+            d.attempts,
+            d.confidence,
+            d.state,
+            _ms(perf_counter() - t0),
+        )
+        return self._emit(record, d.x, value)
 
-    def _healthy_record(self, value: Any, x: Any, t0: float, latency: float,
-                        attempts: list[Attempt] | None, want: bool, logged: bool) -> Any:
+    def _healthy_record(
+        self,
+        value: Any,
+        x: Any,
+        t0: float,
+        latency: float,
+        permit: int,
+        attempts: list[RawAttempt] | None,
+        want: bool,
+        logged: bool,
+    ) -> Any:
         """A healthy call's record: logged when sampled, else only returned to `.call()`."""
         conf = self._confidence.extract(value) if self._confidence is not None else None
-        decision = self._emit({
-            "id": new_id(), "ts": now_utc(), "policy": self.name, "owner": self.policy.owner,
-            "model_version": self.policy.model_version, "served_by": "primary",
-            "degraded": False, "flagged": False, "reasons": [],
-            "attempts": _primary_attempts(attempts, latency, None),
-            "confidence": conf, "breaker_state": self.breaker.state,
-            "latency_ms": _ms(perf_counter() - t0)}, x, value, logged)
-        return Outcome(value, decision) if want else value
+        p = self.policy
+        record = Record(
+            self.name,
+            p.owner,
+            p.model_version,
+            "primary",
+            False,
+            False,
+            [],
+            _primary_attempts(attempts, latency, None),
+            conf,
+            self.breaker.state_of(permit),
+            _ms(perf_counter() - t0),
+        )
+        self._emit(record, x, value, logged)
+        return Outcome(value, record) if want else value
 
-    def _emit(self, fields: dict[str, Any], x: Any, value: Any, logged: bool = True) -> Decision:
+    def _emit(self, record: Record, x: Any, value: Any, logged: bool = True) -> Record:
         if self._include_inputs:
-            fields["inputs"] = self._recorder(x)
+            record.inputs = self._recorder(x)
         if self._include_outputs:
-            fields["output"] = json_safe(value)
-        decision = Decision.model_construct(**fields)
+            record.output = json_safe(value)
         if not logged:
-            return decision
-        self._ring.append(decision)
-        if self._writer is not None and not self._writer.submit(decision):
+            return record
+        self._ring.append(record)
+        if self._writer is not None and not self._writer.submit(record):
             with self._lock:
                 self._counts["dropped_records"] += 1
-        return decision
+        return record
 
     def _on_breaker_event(self, event: BreakerEvent) -> None:
         if self._writer is not None:
             self._writer.submit(event)
 
-    def _count(self, served_by: str | None, codes: list[str], *, flagged: bool = False,
-               failed: bool = False, rejected: bool = False) -> None:
+    def _count(
+        self,
+        served_by: str | None,
+        codes: list[str],
+        *,
+        flagged: bool = False,
+        failed: bool = False,
+        rejected: bool = False,
+    ) -> None:
         with self._lock:
             c = self._counts
             if flagged:
@@ -512,7 +672,7 @@ class Guard:
                     c["failed"] += 1
                 elif served_by is not None:
                     self._served[served_by] = self._served.get(served_by, 0) + 1
-            for code in codes:
+            for code in set(codes):  # calls per reason, not reasons per call
                 self._reasons[code] = self._reasons.get(code, 0) + 1
 
     # -- introspection and control -----------------------------------------------------------
@@ -529,12 +689,18 @@ class Guard:
         calls = healthy + counts["degraded"] + counts["rejected"]
         pools = [self._pool] if self._pool is not None else []
         abandoned = sum(p.abandoned_total for p in pools)
-        return {"calls": calls, "served_by": served, "reasons": reasons, **counts,
-                "abandoned": abandoned, "breaker_state": self.breaker.state}
+        return {
+            "calls": calls,
+            "served_by": served,
+            "reasons": reasons,
+            **counts,
+            "abandoned": abandoned,
+            "breaker_state": self.breaker.state,
+        }
 
     def decisions(self) -> list[Decision]:
         """The most recent decision records (in-memory ring, oldest first)."""
-        return list(self._ring)
+        return [r.decision() for r in list(self._ring)]
 
     def flush(self) -> None:
         """Hand pending profile and aggregate records to the log (nothing held back yet)."""
@@ -555,9 +721,10 @@ def _problems_detail(inv: Invalid) -> str:
     return "; ".join(f"{p.loc}: {p.message}" for p in inv.problems)[:300]
 
 
-def _primary_attempts(attempts: list[Attempt] | None, latency: float,
-                      error: str | None) -> list[Attempt]:
+def _primary_attempts(
+    attempts: list[RawAttempt] | None, latency: float, error: str | None
+) -> list[RawAttempt]:
     """The primary's attempts: the retries made, else the one call."""
     if attempts is not None:
         return list(attempts)
-    return [Attempt(name="primary", ok=error is None, latency_ms=_ms(latency), error=error)]
+    return [RawAttempt(name="primary", ok=error is None, latency_ms=_ms(latency), error=error)]

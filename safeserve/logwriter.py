@@ -36,6 +36,7 @@ def _serializer() -> Callable[..., bytes]:
     try:
         import orjson
     except ImportError:  # the `fast` extra is optional
+
         def dumps(obj: Any, **_: Any) -> bytes:
             return json.dumps(obj, separators=(",", ":"), default=repr).encode()
 
@@ -84,14 +85,16 @@ class LogWriter:
         if callable(sink):
             self._collector: _DictCollector | None = _DictCollector()
             self._buffer: _LineBuffer | None = None
-            self._log = structlog.wrap_logger(self._collector, processors=[_as_kwargs],
-                                              wrapper_class=structlog.BoundLogger)
+            self._log = structlog.wrap_logger(
+                self._collector, processors=[_as_kwargs], wrapper_class=structlog.BoundLogger
+            )
         else:
             self._collector = None
             self._buffer = _LineBuffer()
             renderer = structlog.processors.JSONRenderer(serializer=_serializer())
-            self._log = structlog.wrap_logger(self._buffer, processors=[renderer],
-                                              wrapper_class=structlog.BoundLogger)
+            self._log = structlog.wrap_logger(
+                self._buffer, processors=[renderer], wrapper_class=structlog.BoundLogger
+            )
 
     # -- caller side -------------------------------------------------------------------------
     def submit(self, record: Record) -> bool:
@@ -128,7 +131,8 @@ class LogWriter:
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(
-                    target=self._run, name="safeserve-log-writer", daemon=True)
+                    target=self._run, name="safeserve-log-writer", daemon=True
+                )
                 self._thread.start()
 
     def _run(self) -> None:
@@ -224,8 +228,14 @@ class _DropsRecord:
         self.detail = detail
 
     def to_record(self) -> dict[str, Any]:
-        return {"kind": "drops", "schema_version": SCHEMA_VERSION, "id": new_id(),
-                "ts": now_utc().isoformat(), "count": self.count, "detail": self.detail}
+        return {
+            "kind": "drops",
+            "schema_version": SCHEMA_VERSION,
+            "id": new_id(),
+            "ts": now_utc().isoformat(),
+            "count": self.count,
+            "detail": self.detail,
+        }
 
 
 _writers: dict[Any, LogWriter] = {}

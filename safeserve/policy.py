@@ -19,8 +19,17 @@ from safeserve.errors import PolicyError
 RULE_OPS = ("eq", "ne", "lt", "le", "gt", "ge", "in", "not_in", "is_null")
 
 ReasonCode = Literal[
-    "invalid_input", "breaker_open", "timeout", "error", "invalid_output", "low_confidence",
-    "rejected", "fallback_failed", "overloaded", "store_unavailable", "forced",
+    "invalid_input",
+    "breaker_open",
+    "timeout",
+    "error",
+    "invalid_output",
+    "low_confidence",
+    "rejected",
+    "fallback_failed",
+    "overloaded",
+    "store_unavailable",
+    "forced",
 ]
 
 
@@ -46,30 +55,30 @@ def _transient_errors() -> ExceptionTypes:
 class RetryConfig(_Config):
     """Retries of the primary (tenacity): only for `retry_on` errors, within the call budget."""
 
-    attempts: int = Field(3, ge=1, le=100)
-    backoff_s: float = Field(0.1, ge=0)
-    max_backoff_s: float = Field(2.0, ge=0)
+    attempts: int = Field(default=3, ge=1, le=100)
+    backoff_s: float = Field(default=0.1, ge=0)
+    max_backoff_s: float = Field(default=2.0, ge=0)
     jitter: bool = True
     retry_on: ExceptionTypes = Field(default_factory=_transient_errors)
-    attempt_timeout_s: float | None = Field(None, gt=0)
+    attempt_timeout_s: float | None = Field(default=None, gt=0)
 
 
 class BreakerConfig(_Config):
     """Circuit breaker settings; the defaults are resilience4j's."""
 
     window: Literal["count", "time"] = "count"
-    window_size: int = Field(100, ge=1)
-    min_calls: int = Field(100, ge=1)
-    failure_rate_threshold: float = Field(0.5, gt=0, le=1)
-    slow_call_s: float = Field(60.0, gt=0)
-    slow_call_rate_threshold: float = Field(1.0, gt=0, le=1)
-    open_s: float = Field(60.0, gt=0)
-    open_backoff: float = Field(1.0, ge=1)
-    max_open_s: float | None = Field(None, gt=0)
-    half_open_calls: int = Field(10, ge=1)
-    success_threshold: int | None = Field(None, ge=1)
-    probe_timeout_s: float | None = Field(None, gt=0)
-    consecutive_failures: int | None = Field(None, ge=1)
+    window_size: int = Field(default=100, ge=1)
+    min_calls: int = Field(default=100, ge=1)
+    failure_rate_threshold: float = Field(default=0.5, gt=0, le=1)
+    slow_call_s: float = Field(default=60.0, gt=0)
+    slow_call_rate_threshold: float = Field(default=1.0, gt=0, le=1)
+    open_s: float = Field(default=60.0, gt=0)
+    open_backoff: float = Field(default=1.0, ge=1)
+    max_open_s: float | None = Field(default=None, gt=0)
+    half_open_calls: int = Field(default=10, ge=1)
+    success_threshold: int | None = Field(default=None, ge=1)
+    probe_timeout_s: float | None = Field(default=None, gt=0)
+    consecutive_failures: int | None = Field(default=None, ge=1)
     record_on: ExceptionTypes = Field(default_factory=list)
     ignore_on: ExceptionTypes = Field(default_factory=list)
     mode: Literal["normal", "metrics_only"] = "normal"
@@ -107,12 +116,10 @@ class ConfidenceConfig(_Config):
 class ValidationConfig(_Config):
     """Input validation: a pydantic schema, later also checks derived from a training baseline."""
 
-    schema_: type[BaseModel] | None = Field(None, alias="schema")
+    schema_: type[BaseModel] | None = Field(default=None, alias="schema")
     output_schema: type[BaseModel] | None = None
     baseline: str | Path | None = None
     on_invalid: Literal["fallback", "reject"] = "fallback"
-
-    model_config = ConfigDict(populate_by_name=True)
 
     @property
     def schema(self) -> type[BaseModel] | None:  # type: ignore[override]
@@ -124,14 +131,14 @@ class DecisionLogConfig(_Config):
     """Where decision records go and what they contain."""
 
     sink: str | Path | Callable[[dict[str, Any]], Any] | None = None
-    sample_rate: float = Field(0.0, ge=0, le=1)
+    sample_rate: float = Field(default=0.0, ge=0, le=1)
     include_inputs: bool = True
     include_outputs: bool = False
     redact: list[str] = Field(default_factory=list)
     hash: list[str] = Field(default_factory=list)
     hash_salt: str | None = None
-    queue_size: int = Field(10_000, ge=1)
-    ring_size: int = Field(1000, ge=1)
+    queue_size: int = Field(default=10_000, ge=1)
+    ring_size: int = Field(default=1000, ge=1)
 
 
 class Rule(_Config):
@@ -160,10 +167,10 @@ class Fallback(_Config):
     fn: Callable[..., Any] | None = None
     table: list[Rule] = Field(default_factory=list)
     default: Any = None
-    ttl_s: float | None = Field(None, gt=0)
-    max_items: int = Field(10_000, ge=1)
+    ttl_s: float | None = Field(default=None, gt=0)
+    max_items: int = Field(default=10_000, ge=1)
     value: Any = None
-    timeout_s: float | None = Field(None, gt=0)
+    timeout_s: float | None = Field(default=None, gt=0)
     threshold: float | None = None
 
     @model_validator(mode="after")
@@ -173,21 +180,46 @@ class Fallback(_Config):
         return self
 
     @classmethod
-    def model(cls, name: str, fn: Callable[..., Any], *, timeout_s: float | None = None,
-              threshold: float | None = None) -> Fallback:
+    def model(
+        cls,
+        name: str,
+        fn: Callable[..., Any],
+        *,
+        timeout_s: float | None = None,
+        threshold: float | None = None,
+    ) -> Fallback:
         """Another model (sync or async), called with the same arguments as the primary."""
         return cls(name=name, kind="model", fn=fn, timeout_s=timeout_s, threshold=threshold)
 
     @classmethod
-    def rules(cls, name: str, rules: list[Rule] | list[Mapping[str, Any]], default: Any = None,
-              *, timeout_s: float | None = None, threshold: float | None = None) -> Fallback:
+    def rules(
+        cls,
+        name: str,
+        rules: list[Rule] | list[Mapping[str, Any]],
+        default: Any = None,
+        *,
+        timeout_s: float | None = None,
+        threshold: float | None = None,
+    ) -> Fallback:
         """A rule table: the first rule whose `when` holds answers, else `default` (unless None)."""
-        return cls(name=name, kind="rules", table=list(rules), default=default,
-                   timeout_s=timeout_s, threshold=threshold)
+        return cls(
+            name=name,
+            kind="rules",
+            table=[r if isinstance(r, Rule) else Rule(**r) for r in rules],
+            default=default,
+            timeout_s=timeout_s,
+            threshold=threshold,
+        )
 
     @classmethod
-    def cache(cls, name: str, ttl_s: float | None = None, max_items: int = 10_000, *,
-              threshold: float | None = None) -> Fallback:
+    def cache(
+        cls,
+        name: str,
+        ttl_s: float | None = None,
+        max_items: int = 10_000,
+        *,
+        threshold: float | None = None,
+    ) -> Fallback:
         """The last good primary answer for an equal input, if younger than `ttl_s`."""
         return cls(name=name, kind="cache", ttl_s=ttl_s, max_items=max_items, threshold=threshold)
 
@@ -205,16 +237,16 @@ class Policy(_Config):
     model_version: str | None = None
     model: Callable[..., Any] | None = None
     validation: ValidationConfig | None = None
-    timeout_s: float | None = Field(None, gt=0)
+    timeout_s: float | None = Field(default=None, gt=0)
     retry: RetryConfig | None = None
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
     confidence: ConfidenceConfig | None = None
     fallbacks: list[Fallback] = Field(default_factory=list)
     log: DecisionLogConfig | None = None
-    max_concurrent: int | None = Field(None, ge=1)
-    max_wait_s: float = Field(0.0, ge=0)
-    workers: int = Field(8, ge=1)
-    max_abandoned: int = Field(64, ge=0)
+    max_concurrent: int | None = Field(default=None, ge=1)
+    max_wait_s: float = Field(default=0.0, ge=0)
+    workers: int = Field(default=8, ge=1)
+    max_abandoned: int = Field(default=64, ge=0)
 
     @field_validator("fallbacks")
     @classmethod

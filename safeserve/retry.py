@@ -44,8 +44,9 @@ class RetryRunner:
     def __init__(self, config: RetryConfig) -> None:
         self.config = config
         self._retry_on = tuple(config.retry_on)
-        wait: _t.wait.wait_base = _t.wait_exponential(multiplier=config.backoff_s,
-                                                      max=config.max_backoff_s)
+        wait: _t.wait.wait_base = _t.wait_exponential(
+            multiplier=config.backoff_s, max=config.max_backoff_s
+        )
         if config.jitter and config.backoff_s > 0:
             wait = wait + _t.wait_random(0, config.backoff_s)
         self._wait = wait
@@ -58,8 +59,9 @@ class RetryRunner:
     def _stop(self, deadline: float | None, guard: Guard) -> stop_base:
         return _t.stop_after_attempt(self.config.attempts) | _DeadlineStop(deadline, guard)
 
-    def run_sync(self, first: BaseException, attempt: Callable[[], Any],
-                 deadline: float | None, guard: Guard) -> Any:
+    def run_sync(
+        self, first: BaseException, attempt: Callable[[], Any], deadline: float | None, guard: Guard
+    ) -> Any:
         """Retry after `first` failed; returns the answer or raises the last error."""
         replay = _Replay(first)
 
@@ -70,12 +72,22 @@ class RetryRunner:
                 seconds = min(seconds, max(0.0, deadline - time.perf_counter()))
             time.sleep(seconds)
 
-        retrying = _t.Retrying(stop=self._stop(deadline, guard), wait=self._wait,
-                               retry=self._predicate, sleep=sleep, reraise=True)
+        retrying = _t.Retrying(
+            stop=self._stop(deadline, guard),
+            wait=self._wait,
+            retry=self._predicate,
+            sleep=sleep,
+            reraise=True,
+        )
         return retrying(replay.then(attempt))
 
-    async def run_async(self, first: BaseException, attempt: Callable[[], Awaitable[Any]],
-                        deadline: float | None, guard: Guard) -> Any:
+    async def run_async(
+        self,
+        first: BaseException,
+        attempt: Callable[[], Awaitable[Any]],
+        deadline: float | None,
+        guard: Guard,
+    ) -> Any:
         """The async twin of `run_sync`: awaits the attempts and the sleeps."""
         replay = _Replay(first)
 
@@ -86,8 +98,13 @@ class RetryRunner:
                 seconds = min(seconds, max(0.0, deadline - time.perf_counter()))
             await asyncio.sleep(seconds)
 
-        retrying = _t.AsyncRetrying(stop=self._stop(deadline, guard), wait=self._wait,
-                                    retry=self._predicate, sleep=sleep, reraise=True)
+        retrying = _t.AsyncRetrying(
+            stop=self._stop(deadline, guard),
+            wait=self._wait,
+            retry=self._predicate,
+            sleep=sleep,
+            reraise=True,
+        )
         return await retrying(replay.then_async(attempt))
 
 

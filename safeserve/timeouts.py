@@ -21,8 +21,9 @@ from safeserve.errors import AttemptTimeout, Overloaded
 class _Job:
     __slots__ = ("args", "done", "error", "fn", "kwargs", "result", "state")
 
-    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...],
-                 kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
@@ -40,16 +41,21 @@ class WorkerPool:
         self.name = name
         self.workers = workers
         self.max_abandoned = max_abandoned
-        self.abandoned = 0          # running now, caller gone
-        self.abandoned_total = 0    # ever abandoned
-        self._idle = 0              # workers blocked on the job queue
-        self._waiting = 0           # jobs queued, not yet taken
+        self.abandoned = 0  # running now, caller gone
+        self.abandoned_total = 0  # ever abandoned
+        self._idle = 0  # workers blocked on the job queue
+        self._waiting = 0  # jobs queued, not yet taken
         self._threads = 0
         self._lock = threading.Lock()
         self._jobs: SimpleQueue[Any] = SimpleQueue()
 
-    def run(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
-            timeout_s: float) -> Any:
+    def run(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout_s: float,
+    ) -> Any:
         """`fn(*args, **kwargs)` within `timeout_s`, or `AttemptTimeout` (the call is abandoned)."""
         if timeout_s <= 0:
             raise AttemptTimeout("no time left for the call")
@@ -59,8 +65,9 @@ class WorkerPool:
                 if self.abandoned >= self.max_abandoned:
                     raise Overloaded(f"{self.abandoned} calls still running past their deadline")
                 self._threads += 1
-                threading.Thread(target=self._work, name=f"safeserve-{self.name}",
-                                 daemon=True).start()
+                threading.Thread(
+                    target=self._work, name=f"safeserve-{self.name}", daemon=True
+                ).start()
             # else a worker is free, or every worker is busy with a live call: the job waits
             # within its caller's deadline
             self._waiting += 1

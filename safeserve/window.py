@@ -31,10 +31,15 @@ class Snapshot:
         return self.slow / self.calls if self.calls else 0.0
 
     def as_dict(self) -> dict[str, float | int]:
-        return {"calls": self.calls, "failures": self.failures, "errors": self.failures -
-                self.timeouts, "timeouts": self.timeouts, "slow": self.slow,
-                "failure_rate": round(self.failure_rate, 4),
-                "slow_rate": round(self.slow_rate, 4)}
+        return {
+            "calls": self.calls,
+            "failures": self.failures,
+            "errors": self.failures - self.timeouts,
+            "timeouts": self.timeouts,
+            "slow": self.slow,
+            "failure_rate": round(self.failure_rate, 4),
+            "slow_rate": round(self.slow_rate, 4),
+        }
 
 
 class CountWindow:

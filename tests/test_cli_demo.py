@@ -61,7 +61,7 @@ class TestDemoInProcess:
         codes = {reason["code"] for r in decisions for reason in r["reasons"]}
         assert served, "no fallback served in the demo"
         assert {"breaker_open", "invalid_input", "timeout", "error"} <= codes
-        summary = output[output.index("summary"):]
+        summary = output[output.index("summary") :]
         for name in served:
             assert name in summary
         for code in codes:
@@ -81,11 +81,18 @@ class TestDemoInProcess:
 
 def test_demo_runs_as_a_module(tmp_path: Path) -> None:
     """`python -m safeserve.cli demo --out DIR` exits 0 and writes the log."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     proc = subprocess.run(
         [sys.executable, "-m", "safeserve.cli", "demo", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=120, check=False, env=env)
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     assert _records(tmp_path / LOG_NAME)
     assert "summary" in proc.stdout

@@ -98,8 +98,18 @@ class TestRecordFields:
         assert set(record["attempts"][0]) >= {"name", "ok", "latency_ms", "error"}
         ts = datetime.fromisoformat(record["ts"])
         assert ts.utcoffset() == timedelta(0)
-        for key in ("id", "policy", "owner", "model_version", "served_by", "degraded",
-                    "confidence", "breaker_state", "latency_ms", "inputs"):
+        for key in (
+            "id",
+            "policy",
+            "owner",
+            "model_version",
+            "served_by",
+            "degraded",
+            "confidence",
+            "breaker_state",
+            "latency_ms",
+            "inputs",
+        ):
             assert key in record
         assert "output" not in record
 
@@ -343,8 +353,9 @@ class TestTestingMode:
 
         g = ss.guard(
             name="m",
-            retry=ss.RetryConfig(attempts=3, backoff_s=2, max_backoff_s=2, jitter=False,
-                                 retry_on=[ConnectionError]),
+            retry=ss.RetryConfig(
+                attempts=3, backoff_s=2, max_backoff_s=2, jitter=False, retry_on=[ConnectionError]
+            ),
             fallbacks=[ss.Fallback.static("static", STATIC)],
         )(predict)
         start = time.monotonic()

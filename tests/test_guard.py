@@ -543,7 +543,11 @@ class TestBreaker:
     ) -> None:
         """success_threshold below half_open_calls closes the breaker after that many probes."""
         cfg = ss.BreakerConfig(
-            window_size=10, min_calls=10, open_s=5, half_open_calls=5, success_threshold=2,
+            window_size=10,
+            min_calls=10,
+            open_s=5,
+            half_open_calls=5,
+            success_threshold=2,
             clock=clock,
         )
         g = ss.guard(name="m", breaker=cfg, fallbacks=[ss.Fallback.static("safe", SAFE)])(

@@ -275,7 +275,10 @@ class TestOneDeadline:
             name="m",
             timeout_s=0.3,
             retry=ss.RetryConfig(
-                attempts=10, backoff_s=0.05, attempt_timeout_s=0.2, jitter=False,
+                attempts=10,
+                backoff_s=0.05,
+                attempt_timeout_s=0.2,
+                jitter=False,
                 retry_on=[TimeoutError, ConnectionError],
             ),
             fallbacks=[ss.Fallback.static("static", STATIC)],
@@ -304,7 +307,10 @@ class TestOneDeadline:
             name="m",
             timeout_s=0.3,
             retry=ss.RetryConfig(
-                attempts=10, backoff_s=0.05, attempt_timeout_s=0.2, jitter=False,
+                attempts=10,
+                backoff_s=0.05,
+                attempt_timeout_s=0.2,
+                jitter=False,
                 retry_on=[TimeoutError, ConnectionError],
             ),
             fallbacks=[ss.Fallback.static("static", STATIC)],

@@ -119,9 +119,7 @@ class TestReject:
             g({"country": "DE"})
         assert [p.loc for p in info.value.problems] == ["amount"]
 
-    def test_rejection_message_holds_no_input_value(
-        self, primary: Any, backup: Any
-    ) -> None:
+    def test_rejection_message_holds_no_input_value(self, primary: Any, backup: Any) -> None:
         """Neither the error message nor the problems repeat the bad value."""
         g = make_guard(primary, backup, on_invalid="reject")
         with pytest.raises(ss.InputRejected) as info:
@@ -144,6 +142,7 @@ class TestReject:
 
     def test_async_guard_rejects_invalid_input(self, backup: Any) -> None:
         """An async guard raises InputRejected from the awaited call."""
+
         async def predict(x: dict) -> dict:
             return {"label": "approve"}
 

@@ -1,0 +1,136 @@
+"""Concurrency: exact counts and exactly one log record per degraded call under load."""
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+import safeserve as ss
+
+THREADS = 16
+CALLS_PER_THREAD = 1000
+TASKS = 1000
+
+
+class Row(BaseModel):
+    """One numbered input row."""
+
+    i: int
+    v: float
+
+
+def make_input(i: int) -> dict:
+    """Deterministic mix: i % 8 == 0 raises in the primary, i % 8 == 1 is invalid, else healthy."""
+    if i % 8 == 1:
+        return {"i": i, "v": "not-a-number"}
+    return {"i": i, "v": float(i)}
+
+
+def expected_counts(numbers: range) -> dict[str, Any]:
+    errors = {i for i in numbers if i % 8 == 0}
+    invalid = {i for i in numbers if i % 8 == 1}
+    return {
+        "errors": errors,
+        "invalid": invalid,
+        "degraded": errors | invalid,
+        "healthy": len(numbers) - len(errors) - len(invalid),
+    }
+
+
+def sync_predict(x: dict) -> dict:
+    if x["i"] % 8 == 0:
+        raise ValueError("planned failure")
+    return {"y": x["v"] * 2}
+
+
+async def async_predict(x: dict) -> dict:
+    await asyncio.sleep(0)
+    if x["i"] % 8 == 0:
+        raise ValueError("planned failure")
+    return {"y": x["v"] * 2}
+
+
+def make_guard(fn: Any, log_path: Path) -> Any:
+    return ss.guard(
+        name="load",
+        validation=ss.ValidationConfig(schema=Row),
+        fallbacks=[ss.Fallback.static("static", {"y": -1.0})],
+        log=ss.DecisionLogConfig(sink=str(log_path)),
+    )(fn)
+
+
+def nonzero(counts: dict) -> dict:
+    return {k: v for k, v in counts.items() if v}
+
+
+def check(guard: Any, log_path: Path, numbers: range, answers: dict[int, Any]) -> None:
+    """Stats, answers and the log must match the deterministic mix exactly."""
+    exp = expected_counts(numbers)
+    n_err, n_inv = len(exp["errors"]), len(exp["invalid"])
+    for i in numbers:
+        want = {"y": -1.0} if i in exp["degraded"] else {"y": float(i) * 2}
+        assert answers[i] == want, i
+
+    stats = guard.stats()
+    assert stats["calls"] == len(numbers)
+    assert nonzero(stats["served_by"]) == {"primary": exp["healthy"], "static": n_err + n_inv}
+    assert nonzero(stats["reasons"]) == {"error": n_err, "invalid_input": n_inv}
+    assert stats["degraded"] == n_err + n_inv
+    assert stats["failed"] == 0
+    assert stats["dropped_records"] == 0
+
+    assert ss.flush_logs() is True
+    lines = log_path.read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    decisions = [r for r in records if r["kind"] == "decision"]
+    assert {r["kind"] for r in records} <= {"decision", "breaker", "profile"}
+    assert not [r for r in records if r["kind"] == "breaker"]
+    assert len(decisions) == n_err + n_inv
+    assert len({r["id"] for r in decisions}) == len(decisions)
+    assert sorted(r["inputs"]["i"] for r in decisions) == sorted(exp["degraded"])
+    by_reason = {r["inputs"]["i"]: [reason["code"] for reason in r["reasons"]] for r in decisions}
+    assert all(by_reason[i] == ["error"] for i in exp["errors"])
+    assert all(by_reason[i] == ["invalid_input"] for i in exp["invalid"])
+
+
+def test_threads_through_one_guard_count_and_log_exactly(tmp_path: Path) -> None:
+    """16 threads x 1000 calls: stats() and the log's decision lines are exact."""
+    log_path = tmp_path / "threads.jsonl"
+    guard = make_guard(sync_predict, log_path)
+    answers: dict[int, Any] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(THREADS)
+
+    def worker(t: int) -> None:
+        barrier.wait()
+        local: dict[int, Any] = {}
+        try:
+            for j in range(CALLS_PER_THREAD):
+                i = t * CALLS_PER_THREAD + j
+                local[i] = guard(make_input(i))
+        except BaseException as exc:
+            errors.append(exc)
+        answers.update(local)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(THREADS)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    check(guard, log_path, range(THREADS * CALLS_PER_THREAD), answers)
+
+
+def test_async_tasks_through_one_guard_count_and_log_exactly(tmp_path: Path) -> None:
+    """1000 concurrent asyncio tasks: stats() and the log's decision lines are exact."""
+    log_path = tmp_path / "tasks.jsonl"
+    guard = make_guard(async_predict, log_path)
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(*(guard(make_input(i)) for i in range(TASKS)))
+
+    results = asyncio.run(main())
+    check(guard, log_path, range(TASKS), dict(enumerate(results)))

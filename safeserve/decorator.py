@@ -138,7 +138,7 @@ def guard(policy: Callable[..., Any], /) -> Guarded: ...
 @overload
 def guard(
     policy: Policy | None = None, /, **fields: Any
-) -> Callable[[Callable[..., Any]], Guarded] | Guarded: ...  # noqa: E501
+) -> Callable[[Callable[..., Any]], Guarded] | Guarded: ...
 
 
 def guard(policy: Policy | Callable[..., Any] | None = None, /, **fields: Any) -> Any:

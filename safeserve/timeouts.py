@@ -94,14 +94,15 @@ class WorkerPool:
     def _work(self) -> None:
         get = self._jobs.get
         lock = self._lock
+        with lock:
+            self._idle += 1
         while True:
-            with lock:
-                self._idle += 1
             job = get()
             with lock:
                 self._idle -= 1
                 self._waiting -= 1
                 if job.state == 3:  # its caller gave up before it started
+                    self._idle += 1
                     continue
                 job.state = 1
             try:
@@ -116,6 +117,10 @@ class WorkerPool:
                 retire = self._idle >= self.workers
                 if retire:  # enough idle workers already: replacements retire
                     self._threads -= 1
+                else:
+                    self._idle += 1
+            # Wake the caller last, right before blocking again: the caller then gets the
+            # GIL without waiting for this thread's bookkeeping.
             job.done.release()
             if retire:
                 return

@@ -84,35 +84,10 @@ class Decision(BaseModel):
 
     def to_record(self) -> dict[str, Any]:
         """The JSON-safe log line: `inputs` only when logged, `output` only when asked for."""
-        rec: dict[str, Any] = {
-            "kind": self.kind,
-            "schema_version": self.schema_version,
-            "id": self.id,
-            "ts": self.ts.isoformat(),
-            "policy": self.policy,
-            "owner": self.owner,
-            "model_version": self.model_version,
-            "served_by": self.served_by,
-            "degraded": self.degraded,
-            "flagged": self.flagged,
-            "reasons": [
-                {"code": r.code, "stage": r.stage, "detail": r.detail} for r in self.reasons
-            ],
-            "attempts": [
-                {"name": a.name, "ok": a.ok, "latency_ms": a.latency_ms, "error": a.error}
-                for a in self.attempts
-            ],
-            "confidence": self.confidence,
-            "breaker_state": self.breaker_state,
-            "latency_ms": self.latency_ms,
-            "row": self.row,
-            "batch_id": self.batch_id,
-        }
-        fields = self.model_fields_set
-        if "inputs" in fields:
-            rec["inputs"] = self.inputs
-        if "output" in fields:
-            rec["output"] = self.output
+        rec = self.model_dump(mode="json", exclude={"inputs", "output"})
+        for name in ("inputs", "output"):
+            if name in self.model_fields_set:
+                rec[name] = json_safe(getattr(self, name))
         return rec
 
 
@@ -227,32 +202,9 @@ class Record:
         return rec
 
     def decision(self) -> Decision:
-        """The pydantic `Decision` of this record (built once)."""
+        """The pydantic `Decision` of this record (built once, from the log line)."""
         if self._decision is None:
-            fields: dict[str, Any] = {
-                "id": self.id,
-                "ts": datetime.fromtimestamp(self.ts, UTC),
-                "policy": self.policy,
-                "owner": self.owner,
-                "model_version": self.model_version,
-                "served_by": self.served_by,
-                "degraded": self.degraded,
-                "flagged": self.flagged,
-                "reasons": [Reason(code=r[0], stage=r[1], detail=r[2]) for r in self.reasons],
-                "attempts": [
-                    Attempt(name=a[0], ok=a[1], latency_ms=a[2], error=a[3]) for a in self.attempts
-                ],
-                "confidence": self.confidence,
-                "breaker_state": self.breaker_state,
-                "latency_ms": self.latency_ms,
-                "row": self.row,
-                "batch_id": self.batch_id,
-            }
-            if self.inputs is not _UNSET:
-                fields["inputs"] = self.inputs
-            if self.output is not _UNSET:
-                fields["output"] = self.output
-            self._decision = Decision(**fields)
+            self._decision = Decision.model_validate(self.to_record())
         return self._decision
 
 

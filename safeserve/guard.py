@@ -194,18 +194,7 @@ class Guard:
                 if d.flagged:
                     return self._finish(d, value, "primary", offset, t0, want)
                 return self._fallback_sync(d, offset, t0, want)
-        if self._retry is not None and attempts is None:
-            # a running mean of healthy latency: retries never start an attempt it won't fit
-            self.ok_latency_s += (latency - self.ok_latency_s) * 0.1
-        if self._caches:
-            for cache in self._caches:
-                cache.remember(x, value)
-        next(self._healthy_count)
-        if self._sample_rate and random() < self._sample_rate:
-            return self._healthy_record(value, x, t0, latency, permit, attempts, want, logged=True)
-        if want:
-            return self._healthy_record(value, x, t0, latency, permit, attempts, want, logged=False)
-        return value
+        return self._healthy(value, x, t0, latency, permit, attempts, want)
 
     def _healthy(
         self,

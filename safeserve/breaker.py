@@ -13,10 +13,13 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from safeserve.decisions import new_id, now_utc
+from safeserve.decisions import RawReason, new_id, now_utc
 from safeserve.policy import BreakerConfig
+
+if TYPE_CHECKING:
+    from safeserve.store import RedisStore
 from safeserve.window import FAILURE, SLOW, TIMEOUT, CountWindow, TimeWindow
 
 CLOSED = "closed"
@@ -29,6 +32,7 @@ METRICS_ONLY = "metrics_only"
 REJECTED = 0
 UNCOUNTED = -1  # admitted, but the outcome is not recorded (disabled, shadow overflow)
 
+_STATES = {s: s for s in (CLOSED, OPEN, HALF_OPEN, FORCED_OPEN, DISABLED)}
 _LEGAL = {
     (CLOSED, OPEN),
     (OPEN, HALF_OPEN),
@@ -98,13 +102,22 @@ class Breaker:
         self._record_on = tuple(config.record_on)
         self._epoch = 1
         self._epoch_states: deque[tuple[int, str]] = deque(maxlen=16)
+        self._notice: RawReason | None = None
+        self._probe_gen = 0
         self._reset_state()
+        self._store: RedisStore | None = None
+        if config.store:
+            from safeserve.store import open_store
+
+            self._store = open_store(
+                config.store, config.store_prefix, policy, self, config.store_sync_s
+            )
 
     def _reset_state(self) -> None:
         # Hot-path hints, read without the lock by the guard:
         # `fast_permit` is the permit while closed (0 otherwise); a success faster than
         # `quiet_below` changes nothing (closed, window full of successes) and is not recorded.
-        self.fast_permit = self._epoch
+        self.fast_permit = self._epoch if self._notice is None else 0
         self.quiet_below = -1.0
         self._state = CLOSED
         self._open_until = 0.0
@@ -150,6 +163,15 @@ class Breaker:
             return UNCOUNTED
         if state is FORCED_OPEN:
             return REJECTED
+        store = self._store
+        if (
+            store is not None
+            and store.connected
+            and (state is HALF_OPEN or (state is OPEN and self.clock() >= self._open_until))
+        ):
+            permit = self._admit_shared_probe(store)
+            if permit is not None:
+                return UNCOUNTED if permit == REJECTED and self._shadow else permit
         events: list[BreakerEvent] = []
         with self._lock:
             now = self.clock()
@@ -177,6 +199,21 @@ class Breaker:
         self._probes_started += 1
         self._probe_starts.append(now)
         return self._epoch
+
+    def _admit_shared_probe(self, store: RedisStore) -> int | None:
+        """Half-open admission across replicas (one Redis round trip, outside the lock)."""
+        res = store.admit_probe(self.config.half_open_calls)
+        if res is None:
+            return None  # Redis unreachable: local probes
+        admitted, state, gen, remaining = res
+        self.adopt_shared(state, remaining, "probe admission")
+        with self._lock:
+            if not admitted or self._state is not HALF_OPEN:
+                return REJECTED
+            self._probe_gen = gen
+            self._probes_started += 1
+            self._probe_starts.append(self.clock())
+            return self._epoch
 
     def on_success(self, permit: int, latency_s: float) -> None:
         """Record a successful call (slow if it took `slow_call_s` or longer)."""
@@ -217,6 +254,12 @@ class Breaker:
                     self._probe_starts.popleft()
 
     def _record(self, permit: int, outcome: int) -> None:
+        store = self._store
+        if store is not None and self._state is HALF_OPEN and store.connected:
+            res = store.probe_result(self._probe_gen, not outcome & (FAILURE | SLOW))
+            if res is not None:
+                self.adopt_shared(res[0], res[2], "probe result")
+                return
         events: list[BreakerEvent] = []
         with self._lock:
             if permit != self._epoch:
@@ -233,6 +276,8 @@ class Breaker:
                     if self._probe_ok >= self.config.probes_to_close:
                         events.append(self._transition(CLOSED, "probes succeeded"))
         self._fire(events)
+        if store is not None and events and events[-1].to_state is OPEN:
+            store.request(store.gen, OPEN, events[-1].reason)  # a local trip: share it
 
     def _record_closed(self, outcome: int, events: list[BreakerEvent]) -> None:
         cfg = self.config
@@ -247,8 +292,8 @@ class Breaker:
                 return
         else:
             self._consecutive = 0
-        if not outcome or w.calls < cfg.min_calls:
-            return
+        if w.calls < cfg.min_calls or not (w.failures or w.slow):
+            return  # judged on every call from min_calls on, a success included
         snap = w.snapshot(now)
         if snap.failure_rate >= cfg.failure_rate_threshold:
             events.append(self._open("failure rate"))
@@ -258,11 +303,11 @@ class Breaker:
     # -- transitions (called with the lock held) ---------------------------------------------
     def _open(self, reason: str) -> BreakerEvent:
         cfg = self.config
+        if self._state is HALF_OPEN:  # a re-open waits longer each time (open_backoff)
+            self._reopens += 1
         duration = cfg.open_s * cfg.open_backoff**self._reopens
         if cfg.max_open_s is not None:
             duration = min(duration, cfg.max_open_s)
-        if self._state is HALF_OPEN:
-            self._reopens += 1
         self._open_until = self.clock() + duration
         return self._transition(OPEN, reason)
 
@@ -275,7 +320,7 @@ class Breaker:
         self._epoch_states.append((self._epoch, frm))
         self._state = to
         self._epoch += 1
-        self.fast_permit = self._epoch if to is CLOSED else 0
+        self.fast_permit = self._epoch if to is CLOSED and self._notice is None else 0
         self.quiet_below = -1.0
         self._probes_started = self._probe_ok = 0
         self._probe_starts.clear()
@@ -296,11 +341,55 @@ class Breaker:
 
     # -- manual control ----------------------------------------------------------------------
     def _manual(self, to: str, reason: str) -> None:
+        if self._store is not None:
+            self._store.transition_now(to, reason)  # every replica; local only if unreachable
         with self._lock:
             if to is OPEN:
                 self._open_until = self.clock() + self.config.open_s
             event = self._transition(to, reason, manual=True)
         self._fire([event])
+
+    def adopt_shared(self, state: str, remaining_s: float, why: str) -> None:
+        """Follow the shared state another replica (or the store's rules) moved to."""
+        to = _STATES.get(state)
+        if to is None:
+            return
+        events: list[BreakerEvent] = []
+        with self._lock:
+            if to is not self._state:
+                events.append(self._transition(to, f"shared: {why}", manual=True))
+            if to is OPEN:
+                self._open_until = self.clock() + remaining_s
+        self._fire(events)
+
+    def window_counts(self) -> tuple[int, int, int]:
+        """The local window's calls, failures and slow calls (published to a shared store)."""
+        with self._lock:
+            snap = self._window.snapshot(self.clock())
+        return snap.calls, snap.failures, snap.slow
+
+    def post_notice(self, reason: RawReason) -> None:
+        """Attach a reason to the next call's decision (e.g. the store became unreachable)."""
+        with self._lock:
+            self._notice = reason
+            self.fast_permit = 0  # routes the next call through `admit()` and `take_notice()`
+
+    def take_notice(self) -> RawReason | None:
+        """The pending notice, once."""
+        if self._notice is None:
+            return None
+        with self._lock:
+            notice, self._notice = self._notice, None
+            if self._state is CLOSED:
+                self.fast_permit = self._epoch
+        return notice
+
+    @property
+    def store_status(self) -> dict[str, Any] | None:
+        """`{"connected", "outages"}` of the shared store, or None without one."""
+        if self._store is None:
+            return None
+        return {"connected": self._store.connected, "outages": self._store.outages}
 
     def open(self) -> None:
         """Open now, for `open_s`; then half-open as usual."""
@@ -320,6 +409,8 @@ class Breaker:
 
     def reset(self) -> None:
         """Back to closed with fresh metrics (and the configured mode)."""
+        if self._store is not None:
+            self._store.transition_now("reset", "manual reset")
         with self._lock:
             frm = self._state
             self._epoch += 1

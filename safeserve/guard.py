@@ -111,6 +111,9 @@ class Guard:
         self._bulkhead = (
             threading.BoundedSemaphore(policy.max_concurrent) if policy.max_concurrent else None
         )
+        # With a worker pool, a call's slot is freed by its worker when the call really ends
+        # (an abandoned call keeps it), not when the caller gives up.
+        self._slot_release = self._bulkhead.release if self._bulkhead is not None else None
         # -- records
         log = policy.log
         self._writer: LogWriter | None = (
@@ -160,30 +163,33 @@ class Guard:
                     self._invalid(inv, x, args, kwargs, t0), offset, t0, want
                 )
         breaker = self.breaker
-        permit = breaker.fast_permit or breaker.admit()
-        if permit == REJECTED or (self._bulkhead is not None and not self._enter_bulkhead()):
-            return self._fallback_sync(
-                self._not_admitted(permit, x, args, kwargs), offset, t0, want
-            )
+        permit = breaker.fast_permit
+        notice: RawReason | None = None
+        if not permit or self._bulkhead is not None:
+            permit, notice, refused = self._admit(x, args, kwargs)
+            if refused is not None:
+                return self._fallback_sync(refused, offset, t0, want)
         attempts: list[RawAttempt] | None = None
         try:
             if self._pool is None:
                 value = self.fn(*args, **kwargs)
             else:
-                value = self._pool.run(self.fn, args, kwargs, self._first_timeout(t0))
+                value = self._pool.run(
+                    self.fn, args, kwargs, self._first_timeout(t0), self._slot_release
+                )
         except Exception as exc:
             value, attempts, d = self._after_failure_sync(exc, x, args, kwargs, permit, t0)
             if d is not None:
-                return self._fallback_sync(d, offset, t0, want)
+                return self._fallback_sync(d, offset, t0, want, notice)
         finally:
-            if self._bulkhead is not None:
+            if self._bulkhead is not None and self._pool is None:
                 self._bulkhead.release()
         latency = perf_counter() - t0
         # -- checks, inline: this is the path every healthy call takes
         if self._nonfinite(value) is not None or self._output_schema is not None:
             d = self._bad_output(value, x, args, kwargs, permit, latency, attempts)
             if d is not None:
-                return self._fallback_sync(d, offset, t0, want)
+                return self._fallback_sync(d, offset, t0, want, notice)
         if latency >= breaker.quiet_below:
             breaker.on_success(permit, latency)
         check = self._confidence
@@ -192,19 +198,22 @@ class Guard:
             if conf is not None and not conf >= check.threshold:
                 d = self._low_confidence(check, conf, x, args, kwargs, permit, latency, attempts)
                 if d.flagged:
-                    return self._finish(d, value, "primary", offset, t0, want)
-                return self._fallback_sync(d, offset, t0, want)
-        return self._healthy(value, x, t0, latency, permit, attempts, want)
+                    return self._finish(d, value, "primary", offset, t0, want, notice)
+                return self._fallback_sync(d, offset, t0, want, notice)
+        return self._healthy(value, x, args, kwargs, t0, latency, permit, attempts, want, notice)
 
     def _healthy(
         self,
         value: Any,
         x: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
         t0: float,
         latency: float,
         permit: int,
         attempts: list[RawAttempt] | None,
         want: bool,
+        notice: RawReason | None,
     ) -> Any:
         """Bookkeeping of a healthy call: the cache, the counter, a sampled record."""
         if self._retry is not None and attempts is None:
@@ -213,6 +222,17 @@ class Guard:
         if self._caches:
             for cache in self._caches:
                 cache.remember(x, value)
+        if notice is not None:  # e.g. store_unavailable: recorded on this call, flagged
+            d = Degradation(
+                x,
+                args,
+                kwargs,
+                self.breaker.state_of(permit),
+                [],
+                _primary_attempts(attempts, latency, None),
+            )
+            d.flagged = True
+            return self._finish(d, value, "primary", 0, t0, want, notice)
         next(self._healthy_count)
         if self._sample_rate and random() < self._sample_rate:
             return self._healthy_record(value, x, t0, latency, permit, attempts, want, logged=True)
@@ -221,11 +241,7 @@ class Guard:
         return value
 
     def _first_timeout(self, t0: float) -> float:
-        budget = self._timeout_s
-        if budget is None:
-            return self._attempt_timeout  # type: ignore[return-value]
-        left = budget - (perf_counter() - t0)
-        return left if self._attempt_timeout is None else min(left, self._attempt_timeout)
+        return self._attempt_limit(None if self._timeout_s is None else t0 + self._timeout_s)
 
     def _after_failure_sync(
         self,
@@ -263,17 +279,11 @@ class Guard:
                 if self._pool is None:
                     value = self.fn(*args, **kwargs)
                 else:
-                    left = None if deadline is None else deadline - t
-                    limit = (
-                        self._attempt_timeout
-                        if left is None
-                        else (
-                            left
-                            if self._attempt_timeout is None
-                            else min(left, self._attempt_timeout)
-                        )
+                    if self._bulkhead is not None and not self._bulkhead.acquire(False):
+                        raise Overloaded("max_concurrent reached: no slot for a retry")
+                    value = self._pool.run(
+                        self.fn, args, kwargs, self._attempt_limit(deadline), self._slot_release
                     )
-                    value = self._pool.run(self.fn, args, kwargs, limit)  # type: ignore[arg-type]
             except Exception as exc:
                 attempts.append(self._attempt_of(exc, perf_counter() - t))
                 raise
@@ -282,7 +292,16 @@ class Guard:
 
         return attempt
 
-    def _fallback_sync(self, d: Degradation, offset: int, t0: float, want: bool) -> Any:
+    def _attempt_limit(self, deadline: float | None) -> float:
+        """An attempt's time: min(attempt_timeout_s, time left); inf when neither is set."""
+        left = float("inf") if deadline is None else deadline - perf_counter()
+        return left if self._attempt_timeout is None else min(left, self._attempt_timeout)
+
+    def _fallback_sync(
+        self, d: Degradation, offset: int, t0: float, want: bool, notice: RawReason | None = None
+    ) -> Any:
+        if notice is not None:
+            d.reasons.append(notice)
         fb_args = d.args[offset:]
         for step in self._steps:
             t = perf_counter()
@@ -312,11 +331,12 @@ class Guard:
                     self._invalid(inv, x, args, kwargs, t0), offset, t0, want
                 )
         breaker = self.breaker
-        permit = breaker.fast_permit or breaker.admit()
-        if permit == REJECTED or (self._bulkhead is not None and not self._enter_bulkhead()):
-            return await self._fallback_async(
-                self._not_admitted(permit, x, args, kwargs), offset, t0, want
-            )
+        permit = breaker.fast_permit
+        notice: RawReason | None = None
+        if not permit or self._bulkhead is not None:
+            permit, notice, refused = self._admit(x, args, kwargs)
+            if refused is not None:
+                return await self._fallback_async(refused, offset, t0, want)
         attempts: list[RawAttempt] | None = None
         try:
             if self._has_deadline:
@@ -337,7 +357,7 @@ class Guard:
                     failed = final
             if failed is not None:
                 failure = self._primary_failed(failed, x, args, kwargs, permit, t0, attempts)
-                return await self._fallback_async(failure, offset, t0, want)
+                return await self._fallback_async(failure, offset, t0, want, notice)
         finally:
             if self._bulkhead is not None:
                 self._bulkhead.release()
@@ -345,7 +365,7 @@ class Guard:
         if self._nonfinite(value) is not None or self._output_schema is not None:
             d = self._bad_output(value, x, args, kwargs, permit, latency, attempts)
             if d is not None:
-                return await self._fallback_async(d, offset, t0, want)
+                return await self._fallback_async(d, offset, t0, want, notice)
         if latency >= breaker.quiet_below:
             breaker.on_success(permit, latency)
         check = self._confidence
@@ -354,9 +374,9 @@ class Guard:
             if conf is not None and not conf >= check.threshold:
                 d = self._low_confidence(check, conf, x, args, kwargs, permit, latency, attempts)
                 if d.flagged:
-                    return self._finish(d, value, "primary", offset, t0, want)
-                return await self._fallback_async(d, offset, t0, want)
-        return self._healthy(value, x, t0, latency, permit, attempts, want)
+                    return self._finish(d, value, "primary", offset, t0, want, notice)
+                return await self._fallback_async(d, offset, t0, want, notice)
+        return self._healthy(value, x, args, kwargs, t0, latency, permit, attempts, want, notice)
 
     def _attempt_async(
         self,
@@ -367,14 +387,9 @@ class Guard:
     ) -> Callable[[], Any]:
         async def attempt() -> Any:
             t = perf_counter()
-            left = None if deadline is None else deadline - t
-            limit = (
-                self._attempt_timeout
-                if left is None
-                else (left if self._attempt_timeout is None else min(left, self._attempt_timeout))
-            )
+            limit = self._attempt_limit(deadline)
             try:
-                if limit is None:
+                if limit == float("inf"):
                     value = await self.fn(*args, **kwargs)
                 else:
                     value = await _await_within(self.fn(*args, **kwargs), limit)
@@ -386,7 +401,11 @@ class Guard:
 
         return attempt
 
-    async def _fallback_async(self, d: Degradation, offset: int, t0: float, want: bool) -> Any:
+    async def _fallback_async(
+        self, d: Degradation, offset: int, t0: float, want: bool, notice: RawReason | None = None
+    ) -> Any:
+        if notice is not None:
+            d.reasons.append(notice)
         fb_args = d.args[offset:]
         for step in self._steps:
             t = perf_counter()
@@ -514,15 +533,24 @@ class Guard:
         d.flagged = not check.degrades and low.code == "low_confidence"
         return d
 
-    def _not_admitted(
-        self, permit: int, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Degradation:
+    def _admit(
+        self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[int, RawReason | None, Degradation | None]:
+        """Admission off the fast path: breaker permit, pending notice, bulkhead slot."""
+        breaker = self.breaker
+        permit = breaker.fast_permit or breaker.admit()
+        notice = breaker.take_notice()
         if permit == REJECTED:
             reason = RawReason(code="breaker_open", stage="admit")
-        else:
-            self.breaker.release(permit)
+        elif self._bulkhead is not None and not self._enter_bulkhead():
+            breaker.release(permit)
             reason = RawReason(code="overloaded", stage="admit", detail="max_concurrent reached")
-        return Degradation(x, args, kwargs, self.breaker.state, [reason])
+        else:
+            return permit, notice, None
+        d = Degradation(x, args, kwargs, breaker.state, [reason])
+        if notice is not None:
+            d.reasons.append(notice)
+        return REJECTED, None, d
 
     def _enter_bulkhead(self) -> bool:
         assert self._bulkhead is not None
@@ -561,8 +589,17 @@ class Guard:
 
     # -- records ------------------------------------------------------------------------------
     def _finish(
-        self, d: Degradation, value: Any, served_by: str | None, offset: int, t0: float, want: bool
+        self,
+        d: Degradation,
+        value: Any,
+        served_by: str | None,
+        offset: int,
+        t0: float,
+        want: bool,
+        notice: RawReason | None = None,
     ) -> Any:
+        if notice is not None:
+            d.reasons.append(notice)
         codes = [r.code for r in d.reasons]
         if d.flagged:
             next(self._healthy_count)
@@ -667,25 +704,25 @@ class Guard:
     # -- introspection and control -----------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """Counts since the guard was created: calls, served_by, reasons and the rest."""
-        healthy = int(repr(self._healthy_count)[6:-1])
+        healthy = int(repr(self._healthy_count)[6:-1])  # itertools.count: read without a lock
         with self._lock:
             served = dict(self._served)
             reasons = dict(self._reasons)
             counts = dict(self._counts)
-        primary = healthy
-        if primary:
-            served["primary"] = served.get("primary", 0) + primary
-        calls = healthy + counts["degraded"] + counts["rejected"]
-        pools = [self._pool] if self._pool is not None else []
-        abandoned = sum(p.abandoned_total for p in pools)
-        return {
-            "calls": calls,
+        if healthy:
+            served["primary"] = served.get("primary", 0) + healthy
+        out: dict[str, Any] = {
+            "calls": healthy + counts["degraded"] + counts["rejected"],
             "served_by": served,
             "reasons": reasons,
             **counts,
-            "abandoned": abandoned,
+            "abandoned": self._pool.abandoned_total if self._pool is not None else 0,
             "breaker_state": self.breaker.state,
         }
+        store = self.breaker.store_status
+        if store is not None:
+            out["store"] = store
+        return out
 
     def decisions(self) -> list[Decision]:
         """The most recent decision records (in-memory ring, oldest first)."""

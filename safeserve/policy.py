@@ -83,6 +83,8 @@ class BreakerConfig(_Config):
     ignore_on: ExceptionTypes = Field(default_factory=list)
     mode: Literal["normal", "metrics_only"] = "normal"
     store: str | None = None
+    store_prefix: str = Field(default="safeserve", min_length=1)
+    store_sync_s: float = Field(default=0.05, gt=0, le=5)
     on_state_change: list[Callable[..., Any]] = Field(default_factory=list)
     clock: Callable[[], float] = Field(default=time.monotonic, exclude=True)
 

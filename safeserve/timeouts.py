@@ -19,7 +19,7 @@ from safeserve.errors import AttemptTimeout, Overloaded
 
 
 class _Job:
-    __slots__ = ("args", "done", "error", "fn", "kwargs", "result", "state")
+    __slots__ = ("args", "done", "error", "fn", "kwargs", "on_done", "result", "state")
 
     def __init__(
         self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -27,6 +27,7 @@ class _Job:
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
+        self.on_done: Callable[[], Any] | None = None
         self.result: Any = None
         self.error: BaseException | None = None
         self.state = 0  # 0 queued, 1 running, 2 finished, 3 cancelled before start, 4 abandoned
@@ -55,14 +56,24 @@ class WorkerPool:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         timeout_s: float,
+        on_done: Callable[[], Any] | None = None,
     ) -> Any:
-        """`fn(*args, **kwargs)` within `timeout_s`, or `AttemptTimeout` (the call is abandoned)."""
+        """`fn(*args, **kwargs)` within `timeout_s`, or `AttemptTimeout` (the call is abandoned).
+
+        `on_done` runs once the call has really ended (or will never start): a bulkhead slot
+        stays taken while an abandoned call still runs.
+        """
         if timeout_s <= 0:
+            if on_done is not None:
+                on_done()
             raise AttemptTimeout("no time left for the call")
         job = _Job(fn, args, kwargs)
+        job.on_done = on_done
         with self._lock:
             if self._idle <= self._waiting and self._threads - self.abandoned < self.workers:
                 if self.abandoned >= self.max_abandoned:
+                    if on_done is not None:
+                        on_done()
                     raise Overloaded(f"{self.abandoned} calls still running past their deadline")
                 self._threads += 1
                 threading.Thread(
@@ -101,14 +112,21 @@ class WorkerPool:
             with lock:
                 self._idle -= 1
                 self._waiting -= 1
-                if job.state == 3:  # its caller gave up before it started
+                skipped = job.state == 3  # its caller gave up before it started
+                if skipped:
                     self._idle += 1
-                    continue
-                job.state = 1
+                else:
+                    job.state = 1
+            if skipped:
+                if job.on_done is not None:
+                    job.on_done()
+                continue
             try:
                 job.result = job.fn(*job.args, **job.kwargs)
             except BaseException as exc:
                 job.error = exc
+            if job.on_done is not None:
+                job.on_done()
             with lock:
                 if job.state == 4:
                     self.abandoned -= 1

@@ -28,6 +28,7 @@ from safeserve.confidence import ConfidenceCheck, OutputCheck, first_non_finite
 from safeserve.decisions import (
     Decision,
     InputRecorder,
+    OpenAggregate,
     Outcome,
     RawAttempt,
     RawReason,
@@ -128,6 +129,11 @@ class Guard:
             log.redact if log else [], log.hash if log else [], log.hash_salt if log else None
         )
         self._ring: deque[Record] = deque(maxlen=log.ring_size if log else 1000)
+        self._open_aggregate = (
+            OpenAggregate(self._writer, policy.name, policy.owner)
+            if log is not None and log.open_breaker == "aggregate"
+            else None
+        )
         self.breaker = Breaker(
             policy.breaker, policy.name, policy.owner, listeners=[self._on_breaker_event]
         )
@@ -258,7 +264,11 @@ class Guard:
             deadline = t0 + self._timeout_s if self._timeout_s is not None else None
             try:
                 value = self._retry.run_sync(
-                    exc, self._attempt_sync(args, kwargs, deadline, attempts), deadline, self
+                    exc,
+                    self._attempt_sync(args, kwargs, deadline, attempts),
+                    deadline,
+                    self,
+                    attempts,
                 )
             except Exception as final:
                 exc = final
@@ -350,7 +360,11 @@ class Guard:
                 deadline = t0 + self._timeout_s if self._timeout_s is not None else None
                 try:
                     value = await self._retry.run_async(
-                        exc, self._attempt_async(args, kwargs, deadline, attempts), deadline, self
+                        exc,
+                        self._attempt_async(args, kwargs, deadline, attempts),
+                        deadline,
+                        self,
+                        attempts,
                     )
                     failed = None
                 except Exception as final:
@@ -614,6 +628,10 @@ class Guard:
     def _finish_record(
         self, d: Degradation, value: Any, served_by: str | None, t0: float
     ) -> Record:
+        logged = True
+        if self._open_aggregate is not None and d.reasons[0].code == "breaker_open":
+            self._open_aggregate.add(served_by)  # one record per second, not one per call
+            logged = False
         p = self.policy
         record = Record(
             self.name,
@@ -628,7 +646,7 @@ class Guard:
             d.state,
             _ms(perf_counter() - t0),
         )
-        return self._emit(record, d.x, value)
+        return self._emit(record, d.x, value, logged)
 
     def _healthy_record(
         self,
@@ -724,12 +742,19 @@ class Guard:
             out["store"] = store
         return out
 
+    def calls_total(self) -> int:
+        """Calls so far (for the retry budget)."""
+        healthy = int(repr(self._healthy_count)[6:-1])
+        return healthy + self._counts["degraded"] + self._counts["rejected"]
+
     def decisions(self) -> list[Decision]:
         """The most recent decision records (in-memory ring, oldest first)."""
         return [r.decision() for r in list(self._ring)]
 
     def flush(self) -> None:
-        """Hand pending profile and aggregate records to the log (nothing held back yet)."""
+        """Hand records held back (the open-breaker aggregate) to the log."""
+        if self._open_aggregate is not None:
+            self._open_aggregate.flush()
 
 
 async def _await_within(coro: Any, timeout: float) -> Any:

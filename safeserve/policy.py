@@ -61,6 +61,8 @@ class RetryConfig(_Config):
     jitter: bool = True
     retry_on: ExceptionTypes = Field(default_factory=_transient_errors)
     attempt_timeout_s: float | None = Field(default=None, gt=0)
+    budget: float | None = Field(default=None, ge=0)
+    min_retries_per_s: float = Field(default=10.0, ge=0)
 
 
 class BreakerConfig(_Config):
@@ -140,6 +142,7 @@ class DecisionLogConfig(_Config):
     hash: list[str] = Field(default_factory=list)
     hash_salt: str | None = None
     queue_size: int = Field(default=10_000, ge=1)
+    open_breaker: Literal["each", "aggregate"] = "each"
     ring_size: int = Field(default=1000, ge=1)
 
 

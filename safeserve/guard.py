@@ -353,6 +353,11 @@ class Guard:
                 value = await _await_within(self.fn(*args, **kwargs), self._first_timeout(t0))
             else:
                 value = await self.fn(*args, **kwargs)
+        except asyncio.CancelledError:
+            # the caller went away (e.g. a client disconnected): no outcome, but give the
+            # permit back, or a cancelled half-open probe would hold the breaker half-open
+            self.breaker.release(permit)
+            raise
         except Exception as exc:
             attempts = [self._attempt_of(exc, perf_counter() - t0)]
             failed: Exception | None = exc

@@ -197,6 +197,27 @@ class TestSharing:
         assert first.breaker.state == "open"
         assert late.breaker.state == "open"
 
+    def test_windows_of_replicas_add_up_and_survive_a_new_guard(
+        self, redis_server: RedisServer
+    ) -> None:
+        """3 failures in A, a new replica joins, 2 in B: min_calls=5 is reached across them."""
+        name = unique()
+        fail_a, fail_b = Primary(failing=True), Primary(failing=True)
+        a = shared_guard(redis_server.url, name, fail_a)
+        b = shared_guard(redis_server.url, name, fail_b)
+        wait_connected(a, b)
+        for _ in range(3):
+            assert a(INPUT) == STATIC
+        time.sleep(5 * SYNC_S)
+        late = shared_guard(redis_server.url, name, Primary())
+        wait_connected(late)
+        time.sleep(5 * SYNC_S)
+        assert late.breaker.state == "closed"  # 3 calls: below min_calls everywhere
+        for _ in range(2):
+            assert b(INPUT) == STATIC
+        assert eventually(lambda: late.breaker.state == "open"), late.breaker.figures()
+        assert a.breaker.state == "open"
+
     def test_different_policy_names_never_collide(self, redis_server: RedisServer) -> None:
         """Opening one policy's breaker leaves another policy on the same store closed."""
         fraud, churn = unique("fraud"), unique("churn")
@@ -348,6 +369,8 @@ class TestOutage:
         marked = [d for d in a.decisions() if "store_unavailable" in codes(d)]
         assert len(marked) == 1
         assert marked[0].served_by == "primary"
+        assert marked[0].flagged is True  # otherwise healthy: flagged, not degraded
+        assert [r.stage for r in marked[0].reasons if r.code == "store_unavailable"] == ["store"]
         assert primary.calls >= calls
 
         redis_server.start()
@@ -388,8 +411,9 @@ class TestOutage:
         try:
             _, slowest = serve_for(guard, 1.5, min_calls=200)
             assert slowest < 0.5, f"a call took {slowest:.3f} s while Redis hung"
-            assert guard.stats()["store"]["connected"] is False
-            assert guard.stats()["reasons"].get("store_unavailable") == 1
+            stats = guard.stats()
+            assert stats["store"] == {"connected": False, "outages": 1}
+            assert stats["reasons"].get("store_unavailable") == 1
 
             t0 = time.perf_counter()
             late = shared_guard(redis_server.url, name, Primary())

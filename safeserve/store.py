@@ -185,6 +185,7 @@ class RedisStore:
         self._pending: list[tuple[int, str, str]] = []  # (expected_gen, to_state, why)
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._breaker_ref = weakref.ref(breaker)
         self._thread = threading.Thread(
             target=self._run, name=f"safeserve-store-{policy}", daemon=True
@@ -196,6 +197,7 @@ class RedisStore:
         """Ask for a shared transition (a local trip); done by the sync thread, not the call."""
         with self._lock:
             self._pending.append((expected_gen, to_state, why))
+        self._wake.set()  # share a trip now, not at the next sync: others learn within one sync
 
     def transition_now(self, to_state: str, why: str) -> tuple[str, int, float] | None:
         """A manual transition on every replica: synchronous; None when Redis is unreachable."""
@@ -238,11 +240,16 @@ class RedisStore:
 
     def close(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     # -- the sync thread ---------------------------------------------------------------------
     def _run(self) -> None:
         backoff = 0.0  # the first sync runs at once: a new replica learns the shared state
-        while not self._stop.wait(backoff):
+        while True:
+            self._wake.wait(backoff)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             backoff = self.sync_s
             breaker = self._breaker_ref()
             if breaker is None:

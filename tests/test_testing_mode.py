@@ -1,0 +1,39 @@
+"""The `safeserve_testing` pytest fixture users get through the `pytest11` entry point."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import safeserve as ss
+
+
+def test_fixture_turns_off_backoff_and_writes_logs_synchronously(
+    safeserve_testing: ss.testing, tmp_path: Path
+) -> None:
+    """Inside the fixture a 10 s backoff does not sleep and the record is on disk at once."""
+    sink = tmp_path / "log.jsonl"
+
+    @ss.guard(
+        name="fixture",
+        retry=ss.RetryConfig(attempts=3, backoff_s=10.0, jitter=False),
+        fallbacks=[ss.Fallback.static("default", 0)],
+        log=ss.DecisionLogConfig(sink=str(sink)),
+    )
+    def model(x: int) -> int:
+        raise ConnectionError("down")
+
+    started = time.perf_counter()
+    assert model(1) == 0
+    assert time.perf_counter() - started < 5.0
+    assert len(sink.read_text().splitlines()) == 1  # no flush_logs() needed
+
+
+def test_fixture_resets_breakers_opened_before_the_test() -> None:
+    """Entering testing mode resets live breakers."""
+    predict = ss.guard(name="reset-me", fallbacks=[ss.Fallback.static("d", 0)])(lambda x: x)
+    predict.force_open()
+    assert predict.breaker.state == "forced_open"
+    with ss.testing():
+        assert predict.breaker.state == "closed"
+        assert predict(5) == 5

@@ -1,4 +1,4 @@
-"""The `safeserve_testing` pytest fixture users get through the `pytest11` entry point."""
+"""The log writer under a stuck sink, and the `safeserve_testing` fixture users get via pytest11."""
 
 from __future__ import annotations
 
@@ -37,3 +37,33 @@ def test_fixture_resets_breakers_opened_before_the_test() -> None:
     with ss.testing():
         assert predict.breaker.state == "closed"
         assert predict(5) == 5
+
+
+def test_full_log_queue_drops_are_counted_and_reported() -> None:
+    """A stuck sink never blocks calls: drops are counted in stats() and logged afterwards."""
+    import threading
+
+    gate = threading.Event()
+    seen: list[dict[str, object]] = []
+
+    def slow_sink(record: dict[str, object]) -> None:
+        gate.wait(5)
+        seen.append(record)
+
+    predict = ss.guard(
+        name="drops",
+        fallbacks=[ss.Fallback.static("d", 0)],
+        log=ss.DecisionLogConfig(sink=slow_sink, queue_size=1),
+    )(lambda x: 1 / 0)
+    started = time.perf_counter()
+    for i in range(50):
+        assert predict(i) == 0
+    assert time.perf_counter() - started < 2.0  # the stuck sink never held a call up
+    dropped = predict.stats()["dropped_records"]
+    assert dropped > 0
+    gate.set()
+    assert ss.flush_logs()
+    decisions = [r for r in seen if r["kind"] == "decision"]
+    drops = [r for r in seen if r["kind"] == "drops"]
+    assert len(decisions) + dropped == 50
+    assert sum(int(r["count"]) for r in drops) == dropped  # type: ignore[call-overload]

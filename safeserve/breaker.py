@@ -151,11 +151,6 @@ class Breaker:
                 return state
         return self.state
 
-    @property
-    def machine_state(self) -> str:
-        """The state the rules are in (in shadow mode: the state it would be in)."""
-        return self._state
-
     def admit(self) -> int:
         """A permit for one call, or `REJECTED` (0)."""
         state = self._state

@@ -341,7 +341,3 @@ class InputRecorder:
                 continue
             out[str(k)] = self.hash_value(v) if k in self._hash else json_safe(v)
         return out
-
-    def hides(self, field: str) -> bool:
-        """Whether a feature must never appear raw (redacted or hashed)."""
-        return field in self._redact or field in self._hash

@@ -42,7 +42,7 @@ from safeserve.logwriter import LogWriter, writer_for
 from safeserve.policy import Policy
 from safeserve.retry import RetryRunner
 from safeserve.timeouts import WorkerPool
-from safeserve.validation import ChecksValidator, Invalid, SchemaValidator
+from safeserve.validation import Invalid, SchemaValidator
 
 _CALL_STAGE = "call"
 
@@ -90,7 +90,6 @@ class Guard:
         validators: list[Callable[[Any], Any]] = []
         if val is not None and val.schema is not None:
             validators.append(SchemaValidator(val.schema, fn))
-        self.extra_checks = ChecksValidator([])  # baseline-derived checks plug in here
         self._validators = validators
         self._reject_invalid = val is not None and val.on_invalid == "reject"
         self._output_schema = val.output_schema if val is not None else None

@@ -18,20 +18,6 @@ from safeserve.errors import PolicyError
 
 RULE_OPS = ("eq", "ne", "lt", "le", "gt", "ge", "in", "not_in", "is_null")
 
-ReasonCode = Literal[
-    "invalid_input",
-    "breaker_open",
-    "timeout",
-    "error",
-    "invalid_output",
-    "low_confidence",
-    "rejected",
-    "fallback_failed",
-    "overloaded",
-    "store_unavailable",
-    "forced",
-]
-
 
 class _Config(BaseModel):
     """Base of the config models: frozen, strict about unknown fields, typed errors."""

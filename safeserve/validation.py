@@ -1,4 +1,4 @@
-"""Input validation: the pydantic schema, and the hook for baseline-derived checks."""
+"""Input validation: the pydantic schema (baseline-derived checks join this stage later)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from safeserve.errors import Problem
-
-InputCheck = Callable[[Any], list[Problem]]
 
 
 class Invalid(Exception):
@@ -40,23 +38,6 @@ class SchemaValidator:
         except ValidationError as err:
             raise Invalid(problems_of(err)) from None
         return value if self.keep_model else value.model_dump()
-
-
-class ChecksValidator:
-    """Runs extra per-call checks (e.g. from a training baseline) after the schema."""
-
-    __slots__ = ("checks",)
-
-    def __init__(self, checks: list[InputCheck]) -> None:
-        self.checks = checks
-
-    def __call__(self, x: Any) -> Any:
-        problems: list[Problem] = []
-        for check in self.checks:
-            problems.extend(check(x))
-        if problems:
-            raise Invalid(problems)
-        return x
 
 
 def problems_of(err: ValidationError) -> list[Problem]:

@@ -106,17 +106,20 @@ def first_non_finite(value: Any, depth: int = 0) -> str | None:
     if t is float:
         return "$" if value - value else None
     if t is dict:
-        for k, v in value.items():
+        # detection first, on values only; the location is worked out once something is found
+        for v in value.values():
             tv = type(v)
             if tv is float:
                 if v - v:
-                    return f"$.{k}"
-            elif tv is str or tv is int or tv is bool or v is None:
-                continue
-            else:
-                where = first_non_finite(v, depth + 1)
-                if where is not None:
-                    return f"$.{k}{where[1:]}"
+                    return _locate(value, depth)
+            elif (
+                tv is not str
+                and tv is not int
+                and tv is not bool
+                and v is not None
+                and first_non_finite(v, depth + 1) is not None
+            ):
+                return _locate(value, depth)
         return None
     if t is str or t is int or t is bool or value is None or depth > 32:
         return None
@@ -139,6 +142,14 @@ def first_non_finite(value: Any, depth: int = 0) -> str | None:
     if isinstance(value, BaseModel):
         return first_non_finite(value.__dict__, depth)
     return None
+
+
+def _locate(value: dict[Any, Any], depth: int) -> str:
+    for k, v in value.items():
+        where = first_non_finite(v, depth + 1)
+        if where is not None:
+            return f"$.{k}{where[1:]}"
+    return "$"
 
 
 class OutputCheck:

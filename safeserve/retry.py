@@ -133,11 +133,7 @@ class RetryRunner:
         replay = _Replay(first)
 
         def sleep(seconds: float) -> None:
-            if registry.testing_mode:
-                return
-            if deadline is not None:
-                seconds = min(seconds, max(0.0, deadline - time.perf_counter()))
-            time.sleep(seconds)
+            time.sleep(_backoff(seconds, deadline))
 
         retrying = _t.Retrying(
             stop=self._stop(deadline, guard, attempts),
@@ -160,11 +156,7 @@ class RetryRunner:
         replay = _Replay(first)
 
         async def sleep(seconds: float) -> None:
-            if registry.testing_mode:
-                return
-            if deadline is not None:
-                seconds = min(seconds, max(0.0, deadline - time.perf_counter()))
-            await asyncio.sleep(seconds)
+            await asyncio.sleep(_backoff(seconds, deadline))
 
         retrying = _t.AsyncRetrying(
             stop=self._stop(deadline, guard, attempts),
@@ -174,6 +166,15 @@ class RetryRunner:
             reraise=True,
         )
         return await retrying(replay.then_async(attempt))
+
+
+def _backoff(seconds: float, deadline: float | None) -> float:
+    """The sleep actually taken: none in testing mode, never past the call's deadline."""
+    if registry.testing_mode:
+        return 0.0
+    if deadline is not None:
+        return min(seconds, max(0.0, deadline - time.perf_counter()))
+    return seconds
 
 
 class _Replay:

@@ -1,0 +1,401 @@
+"""The degradation path: what a guard does once a call cannot be served by a healthy primary.
+
+Everything here runs only when a call degrades (or is flagged, sampled, or asked for its
+record): walking the fallbacks, building the reasons and attempts, counting, and recording.
+`DegradationPath` is the part of `Guard` that holds it; `Degradation` is what one degraded
+call knows.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+from collections import deque
+from random import random
+from time import perf_counter
+from typing import Any
+
+from safeserve.breaker import REJECTED, Breaker
+from safeserve.confidence import ConfidenceCheck
+from safeserve.decisions import Outcome, RawAttempt, RawReason, Record, describe_error, json_safe
+from safeserve.errors import InputRejected, NoFallbackAvailable, Overloaded
+from safeserve.fallbacks import FallbackStep, NoAnswer
+from safeserve.pipeline import Pipeline
+from safeserve.validation import Invalid
+
+_CALL = "call"
+
+
+class Degradation:
+    """What is known about one degraded call: its stages, input, reasons and attempts."""
+
+    __slots__ = (
+        "args",
+        "attempts",
+        "confidence",
+        "flagged",
+        "kwargs",
+        "offset",
+        "p",
+        "reasons",
+        "state",
+    )
+
+    def __init__(
+        self,
+        p: Pipeline,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        offset: int,
+        state: str,
+        reasons: list[RawReason],
+        attempts: list[RawAttempt] | None = None,
+        confidence: float | None = None,
+    ) -> None:
+        self.p = p
+        self.args = args
+        self.kwargs = kwargs
+        self.offset = offset
+        self.state = state
+        self.reasons = reasons
+        self.attempts = attempts if attempts is not None else []
+        self.confidence = confidence
+        self.flagged = False
+
+    @property
+    def x(self) -> Any:
+        """The input: the validated one where validation passed, else the raw one."""
+        return input_of(self.args, self.offset)
+
+
+class DegradationPath:
+    """Fallbacks, records and counters of a guard (mixed into `Guard`)."""
+
+    name: str
+    breaker: Breaker
+    forced: str | None
+    ok_latency_s: float
+    _healthy_count: itertools.count[int]
+    _lock: threading.Lock
+    _served: dict[str, int]
+    _reasons: dict[str, int]
+    _counts: dict[str, int]
+    _ring: deque[Record]
+
+    # -- why a call degrades -----------------------------------------------------------------
+    def _invalid(
+        self,
+        p: Pipeline,
+        inv: Invalid,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        offset: int,
+        t0: float,
+    ) -> Degradation:
+        detail = "; ".join(f"{q.loc}: {q.message}" for q in inv.problems)[:300]
+        reasons = [RawReason("invalid_input", "validate", detail)]
+        d = Degradation(p, args, kwargs, offset, self.breaker.state, reasons)
+        if p.reject_invalid:
+            reasons.append(RawReason("rejected", "validate"))
+            self._count(None, ["invalid_input", "rejected"], rejected=True)
+            self._record(d, None, None, t0)
+            raise InputRejected(self.name, inv.problems)
+        return d
+
+    def _drill(
+        self, p: Pipeline, args: tuple[Any, ...], kwargs: dict[str, Any], offset: int
+    ) -> Degradation:
+        reasons = [RawReason("forced", "drill", self.forced)]
+        if self.forced != "forced":
+            reasons.insert(0, RawReason(str(self.forced), "drill", "forced"))
+        return Degradation(p, args, kwargs, offset, self.breaker.state, reasons)
+
+    def _admit(
+        self, p: Pipeline, args: tuple[Any, ...], kwargs: dict[str, Any], offset: int
+    ) -> tuple[int, RawReason | None, Degradation | None]:
+        """Admission off the fast path: breaker permit, pending notice, bulkhead slot."""
+        breaker = self.breaker
+        permit = breaker.fast_permit or breaker.admit()
+        notice = breaker.take_notice()
+        if permit == REJECTED:
+            reason = RawReason("breaker_open", "admit")
+        elif p.bulkhead is not None and not p.enter_bulkhead():
+            breaker.release(permit)
+            reason = RawReason("overloaded", "admit", "max_concurrent reached")
+        else:
+            return permit, notice, None
+        reasons = [reason] if notice is None else [reason, notice]
+        return REJECTED, None, Degradation(p, args, kwargs, offset, breaker.state, reasons)
+
+    def _primary_failed(
+        self,
+        p: Pipeline,
+        exc: Exception,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        offset: int,
+        permit: int,
+        started: float,
+        attempts: list[RawAttempt],
+    ) -> Degradation:
+        latency = perf_counter() - started
+        if isinstance(exc, Overloaded):
+            self.breaker.release(permit)
+            reason = RawReason("overloaded", _CALL, str(exc))
+        else:
+            is_timeout = isinstance(exc, TimeoutError)
+            self.breaker.on_failure(permit, latency, exc, timeout=is_timeout)
+            reason = RawReason("timeout" if is_timeout else "error", _CALL, describe_error(exc))
+        state = self.breaker.state_of(permit)
+        return Degradation(p, args, kwargs, offset, state, [reason], attempts)
+
+    def _bad_output(
+        self,
+        p: Pipeline,
+        value: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        offset: int,
+        permit: int,
+        latency: float,
+        attempts: list[RawAttempt] | None,
+    ) -> Degradation | None:
+        """A Degradation when the answer holds non-finite numbers or fails the output schema."""
+        bad = p.output_check(value)
+        if bad is None:
+            return None
+        self.breaker.on_failure(permit, latency)
+        state = self.breaker.state_of(permit)
+        tried = primary_attempts(attempts, latency, bad.detail)
+        return Degradation(p, args, kwargs, offset, state, [bad], tried)
+
+    def _low_confidence(
+        self,
+        p: Pipeline,
+        check: ConfidenceCheck,
+        conf: float,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        offset: int,
+        permit: int,
+        latency: float,
+        attempts: list[RawAttempt] | None,
+    ) -> Degradation:
+        low = check.judge(conf)
+        d = Degradation(
+            p,
+            args,
+            kwargs,
+            offset,
+            self.breaker.state_of(permit),
+            [low],
+            primary_attempts(attempts, latency, None),
+            None if math.isnan(conf) else conf,
+        )
+        d.flagged = not check.degrades and low.code == "low_confidence"
+        return d
+
+    # -- the fallback walk -------------------------------------------------------------------
+    def _fallback_sync(
+        self, d: Degradation, t0: float, want: bool, notice: RawReason | None = None
+    ) -> Any:
+        if notice is not None:
+            d.reasons.append(notice)
+        fb_args = d.args[d.offset :]
+        for step in d.p.steps:
+            t = perf_counter()
+            try:
+                value = step.answer(d.x, fb_args, d.kwargs, None)
+            except Exception as exc:
+                self._fallback_failed(d, step, exc, perf_counter() - t)
+                continue
+            if self._fallback_ok(d, step, value, perf_counter() - t):
+                return self._finish(d, value, step.name, t0, want)
+        return self._finish(d, None, None, t0, want)
+
+    async def _fallback_async(
+        self, d: Degradation, t0: float, want: bool, notice: RawReason | None = None
+    ) -> Any:
+        if notice is not None:
+            d.reasons.append(notice)
+        fb_args = d.args[d.offset :]
+        for step in d.p.steps:
+            t = perf_counter()
+            try:
+                value = await step.answer_async(d.x, fb_args, d.kwargs, None)
+            except Exception as exc:
+                self._fallback_failed(d, step, exc, perf_counter() - t)
+                continue
+            if self._fallback_ok(d, step, value, perf_counter() - t):
+                return self._finish(d, value, step.name, t0, want)
+        return self._finish(d, None, None, t0, want)
+
+    def _fallback_failed(
+        self, d: Degradation, step: FallbackStep, exc: Exception, latency: float
+    ) -> None:
+        error = str(exc) if isinstance(exc, NoAnswer) else describe_error(exc)
+        d.attempts.append(RawAttempt(step.name, False, ms(latency), error))
+        d.reasons.append(RawReason("fallback_failed", "fallback", f"{step.name}: {error}"[:200]))
+
+    def _fallback_ok(self, d: Degradation, step: FallbackStep, value: Any, latency: float) -> bool:
+        low = step.below_threshold(value)
+        if low is None:
+            d.attempts.append(RawAttempt(step.name, True, ms(latency)))
+            return True
+        error = f"confidence {low:.4g} < {step.threshold}"
+        d.attempts.append(RawAttempt(step.name, False, ms(latency), error))
+        d.reasons.append(RawReason("fallback_failed", "fallback", f"{step.name}: low confidence"))
+        return False
+
+    # -- ending a call -----------------------------------------------------------------------
+    def _finish(
+        self,
+        d: Degradation,
+        value: Any,
+        served_by: str | None,
+        t0: float,
+        want: bool,
+        notice: RawReason | None = None,
+    ) -> Any:
+        if notice is not None:
+            d.reasons.append(notice)
+        codes = [r.code for r in d.reasons]
+        if d.flagged:
+            next(self._healthy_count)
+            self._count(None, codes, flagged=True)
+        else:
+            self._count(served_by, codes, failed=served_by is None)
+        record = self._record(d, value, served_by, t0)
+        if served_by is None:
+            raise NoFallbackAvailable(record.decision())
+        return Outcome(value, record) if want else value
+
+    def _healthy(
+        self,
+        p: Pipeline,
+        value: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        offset: int,
+        t0: float,
+        latency: float,
+        permit: int,
+        attempts: list[RawAttempt] | None,
+        want: bool,
+        notice: RawReason | None,
+    ) -> Any:
+        """Bookkeeping of a healthy call beyond the count: cache, retry stats, a record."""
+        if p.retry is not None and attempts is None:
+            # a running mean of healthy latency: retries never start an attempt it won't fit
+            self.ok_latency_s += (latency - self.ok_latency_s) * 0.1
+        x = input_of(args, offset)
+        for cache in p.caches:
+            cache.remember(x, value)
+        if notice is not None:  # e.g. store_unavailable: recorded on this call, flagged
+            state = self.breaker.state_of(permit)
+            tried = primary_attempts(attempts, latency, None)
+            d = Degradation(p, args, kwargs, offset, state, [], tried)
+            d.flagged = True
+            return self._finish(d, value, "primary", t0, want, notice)
+        next(self._healthy_count)
+        sampled = bool(p.sample_rate) and random() < p.sample_rate
+        if not (sampled or want):
+            return value
+        record = Record(
+            self.name,
+            p.policy.owner,
+            p.policy.model_version,
+            "primary",
+            False,
+            False,
+            [],
+            primary_attempts(attempts, latency, None),
+            p.confidence.extract(value) if p.confidence is not None else None,
+            self.breaker.state_of(permit),
+            ms(perf_counter() - t0),
+        )
+        self._emit(p, record, x, value, logged=sampled)
+        return Outcome(value, record) if want else value
+
+    def _record(self, d: Degradation, value: Any, served_by: str | None, t0: float) -> Record:
+        p = d.p
+        logged = True
+        if p.open_aggregate is not None and d.reasons[0].code == "breaker_open":
+            p.open_aggregate.add(served_by)  # one record per second, not one per call
+            logged = False
+        record = Record(
+            self.name,
+            p.policy.owner,
+            p.policy.model_version,
+            served_by,
+            not d.flagged,
+            d.flagged,
+            d.reasons,
+            d.attempts,
+            d.confidence,
+            d.state,
+            ms(perf_counter() - t0),
+        )
+        return self._emit(p, record, d.x, value, logged)
+
+    def _emit(self, p: Pipeline, record: Record, x: Any, value: Any, logged: bool) -> Record:
+        if p.include_inputs:
+            record.inputs = p.recorder(x)
+        if p.include_outputs:
+            record.output = json_safe(value)
+        if not logged:
+            return record
+        self._ring.append(record)
+        if p.writer is not None and not p.writer.submit(record):
+            with self._lock:
+                self._counts["dropped_records"] += 1
+        return record
+
+    def _count(
+        self,
+        served_by: str | None,
+        codes: list[str],
+        *,
+        flagged: bool = False,
+        failed: bool = False,
+        rejected: bool = False,
+    ) -> None:
+        with self._lock:
+            c = self._counts
+            if flagged:
+                c["flagged"] += 1
+            elif rejected:
+                c["rejected"] += 1
+            else:
+                c["degraded"] += 1
+                if failed:
+                    c["failed"] += 1
+                elif served_by is not None:
+                    self._served[served_by] = self._served.get(served_by, 0) + 1
+            for code in set(codes):  # calls per reason, not reasons per call
+                self._reasons[code] = self._reasons.get(code, 0) + 1
+
+
+def input_of(args: tuple[Any, ...], offset: int) -> Any:
+    """The call's input: the first positional argument after `self` (None when absent)."""
+    return args[offset] if offset < len(args) else None
+
+
+def ms(seconds: float) -> float:
+    """Seconds as milliseconds, to the microsecond."""
+    return round(seconds * 1000.0, 3)
+
+
+def failed_attempt(exc: BaseException, latency: float) -> RawAttempt:
+    """A failed try of the primary."""
+    return RawAttempt("primary", False, ms(latency), describe_error(exc))
+
+
+def primary_attempts(
+    attempts: list[RawAttempt] | None, latency: float, error: str | None
+) -> list[RawAttempt]:
+    """The primary's attempts: the retries made, else the one call."""
+    if attempts is not None:
+        return list(attempts)
+    return [RawAttempt("primary", error is None, ms(latency), error)]

@@ -1,0 +1,145 @@
+"""The stages of one policy, built once at decoration time (and again on a reload).
+
+A `Pipeline` is immutable once built; a guard reads it once per call, so swapping a guard's
+pipeline for a new one (hot reload) is one attribute store: every call runs wholly on the old
+stages or wholly on the new ones.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from time import perf_counter
+from typing import Any
+
+from safeserve.confidence import ConfidenceCheck, OutputCheck
+from safeserve.decisions import InputRecorder, OpenAggregate
+from safeserve.fallbacks import CacheStep, FallbackStep, build_steps
+from safeserve.logwriter import LogWriter, writer_for
+from safeserve.policy import Policy
+from safeserve.retry import RetryRunner
+from safeserve.timeouts import WorkerPool
+from safeserve.validation import SchemaValidator
+
+_INF = float("inf")
+
+
+class Pipeline:
+    """Everything configured for one guard: validators, deadline, retries, checks, fallbacks,
+    bulkhead and decision log; each stage is present only when the policy asks for it."""
+
+    __slots__ = (
+        "attempt_timeout",
+        "bulkhead",
+        "caches",
+        "confidence",
+        "fn",
+        "has_deadline",
+        "include_inputs",
+        "include_outputs",
+        "max_wait_s",
+        "open_aggregate",
+        "output_check",
+        "output_schema",
+        "plain_healthy",
+        "policy",
+        "pool",
+        "recorder",
+        "reject_invalid",
+        "retry",
+        "sample_rate",
+        "slot_release",
+        "steps",
+        "timeout_s",
+        "validators",
+        "writer",
+    )
+
+    def __init__(
+        self, fn: Callable[..., Any], policy: Policy, is_async: bool, previous: Pipeline | None
+    ) -> None:
+        self.fn = fn
+        self.policy = policy
+        val = policy.validation
+        self.validators: list[Callable[[Any], Any]] = []
+        if val is not None and val.schema is not None:
+            self.validators.append(SchemaValidator(val.schema, fn))
+        self.reject_invalid = val is not None and val.on_invalid == "reject"
+        self.output_schema = val.output_schema if val is not None else None
+        self.output_check = OutputCheck(self.output_schema)
+        self.confidence = ConfidenceCheck(policy.confidence) if policy.confidence else None
+        self.steps: list[FallbackStep] = build_steps(policy.fallbacks, policy.name)
+        self.caches = [s for s in self.steps if isinstance(s, CacheStep)]
+        # -- deadline, retries, bulkhead
+        self.timeout_s = policy.timeout_s
+        self.retry = RetryRunner(policy.retry) if policy.retry else None
+        self.attempt_timeout = policy.retry.attempt_timeout_s if policy.retry else None
+        self.has_deadline = bool(self.timeout_s or self.attempt_timeout)
+        self.pool = self._pool(policy, is_async, previous)
+        self.bulkhead = (
+            threading.BoundedSemaphore(policy.max_concurrent) if policy.max_concurrent else None
+        )
+        self.max_wait_s = policy.max_wait_s
+        # With a worker pool, a call's slot is freed by its worker when the call really ends
+        # (an abandoned call keeps it), not when the caller gives up.
+        self.slot_release = self.bulkhead.release if self.bulkhead is not None else None
+        # -- records
+        log = policy.log
+        self.writer: LogWriter | None = (
+            writer_for(log.sink, log.queue_size)
+            if log is not None and log.sink is not None
+            else None
+        )
+        self.sample_rate = log.sample_rate if log is not None else 0.0
+        self.include_inputs = log.include_inputs if log is not None else True
+        self.include_outputs = log.include_outputs if log is not None else False
+        self.recorder = InputRecorder(
+            log.redact if log else [], log.hash if log else [], log.hash_salt if log else None
+        )
+        self.open_aggregate = (
+            OpenAggregate(self.writer, policy.name, policy.owner)
+            if log is not None and log.open_breaker == "aggregate"
+            else None
+        )
+        # a healthy call needs nothing but a count: no cache to fill, no retry stats, no sample
+        self.plain_healthy = not self.caches and self.retry is None and not self.sample_rate
+
+    @staticmethod
+    def _pool(policy: Policy, is_async: bool, previous: Pipeline | None) -> WorkerPool | None:
+        attempt_timeout = policy.retry.attempt_timeout_s if policy.retry else None
+        if is_async or not (policy.timeout_s or attempt_timeout):
+            return None
+        old = previous.pool if previous is not None else None
+        if old is not None and (old.workers, old.max_abandoned) == (
+            policy.workers,
+            policy.max_abandoned,
+        ):
+            return old  # a reload keeps the threads (and the count of abandoned calls)
+        return WorkerPool(policy.name, policy.workers, policy.max_abandoned)
+
+    def attempt_limit(self, deadline: float | None) -> float:
+        """An attempt's time: min(attempt_timeout_s, time left); inf when neither is set."""
+        left = _INF if deadline is None else deadline - perf_counter()
+        return left if self.attempt_timeout is None else min(left, self.attempt_timeout)
+
+    def first_timeout(self, t0: float) -> float:
+        """The first attempt's time, for a call that started at `t0`."""
+        return self.attempt_limit(None if self.timeout_s is None else t0 + self.timeout_s)
+
+    def deadline(self, t0: float) -> float | None:
+        """When the call's whole budget runs out (None without `timeout_s`)."""
+        return None if self.timeout_s is None else t0 + self.timeout_s
+
+    def validate(self, args: tuple[Any, ...], offset: int) -> tuple[Any, ...]:
+        """The arguments with the validated input in place of the raw one."""
+        x = args[offset] if offset < len(args) else None
+        for validator in self.validators:
+            x = validator(x)
+        return (*args[:offset], x, *args[offset + 1 :])
+
+    def enter_bulkhead(self) -> bool:
+        """Take a `max_concurrent` slot, waiting up to `max_wait_s`."""
+        assert self.bulkhead is not None
+        if self.max_wait_s:
+            return self.bulkhead.acquire(timeout=self.max_wait_s)
+        return self.bulkhead.acquire(blocking=False)

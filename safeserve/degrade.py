@@ -18,6 +18,7 @@ from typing import Any
 
 from safeserve.breaker import REJECTED, Breaker
 from safeserve.confidence import ConfidenceCheck
+from safeserve.context import note
 from safeserve.decisions import Outcome, RawAttempt, RawReason, Record, describe_error, json_safe
 from safeserve.errors import InputRejected, NoFallbackAvailable, Overloaded
 from safeserve.fallbacks import FallbackStep, NoAnswer
@@ -267,6 +268,7 @@ class DegradationPath:
         else:
             self._count(served_by, codes, failed=served_by is None)
         record = self._record(d, value, served_by, t0)
+        note(served_by, not d.flagged)
         if served_by is None:
             raise NoFallbackAvailable(record.decision())
         return Outcome(value, record) if want else value

@@ -31,6 +31,7 @@ from types import ModuleType
 from typing import Any
 
 import circuitbreaker  # type: ignore[import-untyped]
+import numpy as np
 import pybreaker
 import pyresilience as pr
 import tenacity
@@ -307,6 +308,18 @@ def ss_happy(ss: Any, sink: Path) -> Any:
     )(model)
 
 
+FEATURES = [f"f{i}" for i in range(20)]
+WIDE_INPUT = dict.fromkeys(FEATURES, 0.25)  # 20 numeric features, inside the training range
+
+
+def ss_wide(ss: Any, with_checks: bool, profile: bool) -> Any:
+    """A guard on a 20-feature input: bare, with baseline checks, with checks and a profile."""
+    rng = np.random.default_rng(0)
+    baseline = ss.Baseline.from_data({n: rng.normal(size=10_000) for n in FEATURES})
+    validation = ss.ValidationConfig(baseline=baseline, profile=profile) if with_checks else None
+    return ss.guard(name=f"bench-wide-{with_checks}-{profile}", validation=validation)(model)
+
+
 def ss_degraded(ss: Any, sink: Path) -> Any:
     """Primary raises, a static fallback serves, a decision record goes to the file sink."""
     return ss.guard(
@@ -456,6 +469,16 @@ def target_lines(by_key: dict[str, Row]) -> list[tuple[str, str, str]]:
         else:
             missing(target, "ss_happy", peer)
 
+    for key, base, limit, target in (
+        ("wide_checks", "wide", 3000, "baseline checks, 20 features < 3 us"),
+        ("wide_profile", "wide_checks", 1000, "online profile on the call path < 1 us"),
+    ):
+        if ok(key, base):
+            cost = med(key) - med(base)
+            out.append((target, fmt_us(cost), verdict(cost < limit)))
+        else:
+            missing(target, key, base)
+
     target = "degraded call (fallback + record) < 20 us"
     if ok("ss_degraded"):
         total = med("ss_degraded")
@@ -522,6 +545,15 @@ def build_rows(
         ),
         Row("pyr_happy", "4  pyresilience breaker+retry+fallback", sync_loop(pyresilience_happy())),
     ]
+    for key, label in (
+        ("wide", "4b safeserve guard, 20-feature input"),
+        ("wide_checks", "4c  + baseline checks (range/category/null, 20 features)"),
+        ("wide_profile", "4d  + online profile (values buffered, binned off the call)"),
+    ):
+        if key in guards:
+            happy.append(Row(key, label, sync_loop(guards[key], WIDE_INPUT)))
+        else:
+            happy.append(Row(key, label, sync_loop(model), error="safeserve not available"))
     # A degraded repeat queues one record per call: keep N under the log queue (10,000) and
     # flush between repeats, so the timing never benefits from dropped records.
     degraded = [
@@ -594,6 +626,9 @@ def make_guards(ss: Any, tmp: Path) -> tuple[dict[str, Any], list[str]]:
         "happy": lambda: ss_happy(ss, tmp / "happy.jsonl"),
         "degraded": lambda: ss_degraded(ss, tmp / "degraded.jsonl"),
         "degraded_ring": lambda: ss_degraded_ring(ss),
+        "wide": lambda: ss_wide(ss, False, False),
+        "wide_checks": lambda: ss_wide(ss, True, False),
+        "wide_profile": lambda: ss_wide(ss, True, True),
         "timeout": lambda: ss_timeout(ss),
         "async_timeout": lambda: ss_async_timeout(ss),
     }

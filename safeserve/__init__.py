@@ -3,6 +3,7 @@
 The public API; everything else is private. See SPEC.md and README.md.
 """
 
+from safeserve.baseline import Baseline, BaselineError, FeatureBaseline
 from safeserve.decisions import Attempt, Decision, Outcome, Reason
 from safeserve.decorator import AsyncGuarded, Guarded, guard
 from safeserve.errors import (
@@ -30,11 +31,14 @@ __version__ = "0.1.0"
 __all__ = [
     "AsyncGuarded",
     "Attempt",
+    "Baseline",
+    "BaselineError",
     "BreakerConfig",
     "ConfidenceConfig",
     "Decision",
     "DecisionLogConfig",
     "Fallback",
+    "FeatureBaseline",
     "Guarded",
     "InputRejected",
     "NoFallbackAvailable",

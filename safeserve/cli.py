@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="seed of the synthetic traffic and faults (default: 7)",
     )
     demo.set_defaults(handler=_demo)
+    from safeserve.baseline_cli import add_baseline_parser
+
+    add_baseline_parser(commands)
     return parser
 
 

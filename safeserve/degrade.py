@@ -113,20 +113,27 @@ class DegradationPath:
         return Degradation(p, args, kwargs, offset, self.breaker.state, reasons)
 
     def _admit(
-        self, p: Pipeline, args: tuple[Any, ...], kwargs: dict[str, Any], offset: int
-    ) -> tuple[int, RawReason | None, Degradation | None]:
+        self,
+        p: Pipeline,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        offset: int,
+        notices: list[RawReason] | None,
+    ) -> tuple[int, list[RawReason] | None, Degradation | None]:
         """Admission off the fast path: breaker permit, pending notice, bulkhead slot."""
         breaker = self.breaker
         permit = breaker.fast_permit or breaker.admit()
         notice = breaker.take_notice()
+        if notice is not None:
+            notices = [notice] if notices is None else [*notices, notice]
         if permit == REJECTED:
             reason = RawReason("breaker_open", "admit")
         elif p.bulkhead is not None and not p.enter_bulkhead():
             breaker.release(permit)
             reason = RawReason("overloaded", "admit", "max_concurrent reached")
         else:
-            return permit, notice, None
-        reasons = [reason] if notice is None else [reason, notice]
+            return permit, notices, None
+        reasons = [reason, *(notices or ())]
         return REJECTED, None, Degradation(p, args, kwargs, offset, breaker.state, reasons)
 
     def _primary_failed(
@@ -199,10 +206,10 @@ class DegradationPath:
 
     # -- the fallback walk -------------------------------------------------------------------
     def _fallback_sync(
-        self, d: Degradation, t0: float, want: bool, notice: RawReason | None = None
+        self, d: Degradation, t0: float, want: bool, notices: list[RawReason] | None = None
     ) -> Any:
-        if notice is not None:
-            d.reasons.append(notice)
+        if notices:
+            d.reasons.extend(notices)
         fb_args = d.args[d.offset :]
         for step in d.p.steps:
             t = perf_counter()
@@ -216,10 +223,10 @@ class DegradationPath:
         return self._finish(d, None, None, t0, want)
 
     async def _fallback_async(
-        self, d: Degradation, t0: float, want: bool, notice: RawReason | None = None
+        self, d: Degradation, t0: float, want: bool, notices: list[RawReason] | None = None
     ) -> Any:
-        if notice is not None:
-            d.reasons.append(notice)
+        if notices:
+            d.reasons.extend(notices)
         fb_args = d.args[d.offset :]
         for step in d.p.steps:
             t = perf_counter()
@@ -257,10 +264,10 @@ class DegradationPath:
         served_by: str | None,
         t0: float,
         want: bool,
-        notice: RawReason | None = None,
+        notices: list[RawReason] | None = None,
     ) -> Any:
-        if notice is not None:
-            d.reasons.append(notice)
+        if notices:
+            d.reasons.extend(notices)
         codes = [r.code for r in d.reasons]
         if d.flagged:
             next(self._healthy_count)
@@ -285,7 +292,7 @@ class DegradationPath:
         permit: int,
         attempts: list[RawAttempt] | None,
         want: bool,
-        notice: RawReason | None,
+        notices: list[RawReason] | None,
     ) -> Any:
         """Bookkeeping of a healthy call beyond the count: cache, retry stats, a record."""
         if p.retry is not None and attempts is None:
@@ -294,12 +301,12 @@ class DegradationPath:
         x = input_of(args, offset)
         for cache in p.caches:
             cache.remember(x, value)
-        if notice is not None:  # e.g. store_unavailable: recorded on this call, flagged
+        if notices:  # flagged invalid input, store_unavailable: on this call's record
             state = self.breaker.state_of(permit)
             tried = primary_attempts(attempts, latency, None)
             d = Degradation(p, args, kwargs, offset, state, [], tried)
             d.flagged = True
-            return self._finish(d, value, "primary", t0, want, notice)
+            return self._finish(d, value, "primary", t0, want, notices)
         next(self._healthy_count)
         sampled = bool(p.sample_rate) and random() < p.sample_rate
         if not (sampled or want):

@@ -64,17 +64,21 @@ class Guard(DegradationPath):
         offset = _ss_offset
         if self.forced is not None:
             return self._fallback_sync(self._drill(p, args, kwargs, offset), t0, _ss_want)
-        if p.validators:
+        if p.profile_add is not None:
+            p.profile_add(args[offset] if offset < len(args) else None)
+        notices: list[RawReason] | None = None
+        if p.validating:
             try:
                 args = p.validate(args, offset)
             except Invalid as inv:
                 invalid = self._invalid(p, inv, args, kwargs, offset, t0)
-                return self._fallback_sync(invalid, t0, _ss_want)
+                if not p.flag_invalid:
+                    return self._fallback_sync(invalid, t0, _ss_want)
+                args, notices = inv.call_args, invalid.reasons  # served, but on the record
         breaker = self.breaker
         permit = breaker.fast_permit
-        notice: RawReason | None = None
         if not permit or p.bulkhead is not None:
-            permit, notice, refused = self._admit(p, args, kwargs, offset)
+            permit, notices, refused = self._admit(p, args, kwargs, offset, notices)
             if refused is not None:
                 return self._fallback_sync(refused, t0, _ss_want)
         attempts: list[RawAttempt] | None = None
@@ -86,7 +90,7 @@ class Guard(DegradationPath):
         except Exception as exc:
             value, attempts, failure = self._retry_sync(p, exc, args, kwargs, offset, permit, t0)
             if failure is not None:
-                return self._fallback_sync(failure, t0, _ss_want, notice)
+                return self._fallback_sync(failure, t0, _ss_want, notices)
         finally:
             if p.bulkhead is not None and p.pool is None:
                 p.bulkhead.release()
@@ -95,7 +99,7 @@ class Guard(DegradationPath):
         if first_non_finite(value) is not None or p.output_schema is not None:
             d = self._bad_output(p, value, args, kwargs, offset, permit, latency, attempts)
             if d is not None:
-                return self._fallback_sync(d, t0, _ss_want, notice)
+                return self._fallback_sync(d, t0, _ss_want, notices)
         if latency >= breaker.quiet_below:
             breaker.on_success(permit, latency)
         check = p.confidence
@@ -106,13 +110,13 @@ class Guard(DegradationPath):
                     p, check, conf, args, kwargs, offset, permit, latency, attempts
                 )
                 if d.flagged:
-                    return self._finish(d, value, "primary", t0, _ss_want, notice)
-                return self._fallback_sync(d, t0, _ss_want, notice)
-        if p.plain_healthy and notice is None and not _ss_want:
+                    return self._finish(d, value, "primary", t0, _ss_want, notices)
+                return self._fallback_sync(d, t0, _ss_want, notices)
+        if p.plain_healthy and notices is None and not _ss_want:
             next(self._healthy_count)
             return value
         return self._healthy(
-            p, value, args, kwargs, offset, t0, latency, permit, attempts, _ss_want, notice
+            p, value, args, kwargs, offset, t0, latency, permit, attempts, _ss_want, notices
         )
 
     def call(self, *args: Any, **kwargs: Any) -> Any:
@@ -205,11 +209,14 @@ class Guard(DegradationPath):
         fn = policy.model if policy.model is not None else self.fn
         if inspect.iscoroutinefunction(fn) != self.is_async:
             raise PolicyError(["model: a reload cannot switch between sync and async"])
-        new = Pipeline(fn, policy, self.is_async, self._p)
-        if policy.breaker != self._p.policy.breaker or policy.owner != self._p.policy.owner:
+        old = self._p
+        new = Pipeline(fn, policy, self.is_async, old)
+        if policy.breaker != old.policy.breaker or policy.owner != old.policy.owner:
             self.breaker = self._new_breaker(policy)
         self.fn = fn
         self._p = new
+        if old.profiler is not None:
+            old.profiler.emit()  # what the old stages profiled is written, not lost
 
     def _new_breaker(self, policy: Policy) -> Breaker:
         return Breaker(policy.breaker, policy.name, policy.owner, [self._on_breaker_event])
@@ -253,9 +260,16 @@ class Guard(DegradationPath):
         return [r.decision() for r in list(self._ring)]
 
     def flush(self) -> None:
-        """Hand records held back (the open-breaker aggregate) to the log."""
-        if self._p.open_aggregate is not None:
-            self._p.open_aggregate.flush()
+        """Hand records held back (open-breaker aggregate, pending profile) to the log."""
+        p = self._p
+        if p.open_aggregate is not None:
+            p.open_aggregate.flush()
+        if p.profiler is not None:
+            p.profiler.emit()
+
+    def profile(self) -> dict[str, Any] | None:
+        """The feature profile since the last profile record (None without a baseline)."""
+        return self._p.profiler.snapshot() if self._p.profiler is not None else None
 
     def __repr__(self) -> str:
         return f"<safeserve guard {self.name!r} of {self.fn!r}>"
@@ -281,17 +295,21 @@ class AsyncGuard(Guard):
         if self.forced is not None:
             drill = self._drill(p, args, kwargs, offset)
             return await self._fallback_async(drill, t0, _ss_want)
-        if p.validators:
+        if p.profile_add is not None:
+            p.profile_add(args[offset] if offset < len(args) else None)
+        notices: list[RawReason] | None = None
+        if p.validating:
             try:
                 args = p.validate(args, offset)
             except Invalid as inv:
                 invalid = self._invalid(p, inv, args, kwargs, offset, t0)
-                return await self._fallback_async(invalid, t0, _ss_want)
+                if not p.flag_invalid:
+                    return await self._fallback_async(invalid, t0, _ss_want)
+                args, notices = inv.call_args, invalid.reasons  # served, but on the record
         breaker = self.breaker
         permit = breaker.fast_permit
-        notice: RawReason | None = None
         if not permit or p.bulkhead is not None:
-            permit, notice, refused = self._admit(p, args, kwargs, offset)
+            permit, notices, refused = self._admit(p, args, kwargs, offset, notices)
             if refused is not None:
                 return await self._fallback_async(refused, t0, _ss_want)
         attempts: list[RawAttempt] | None = None
@@ -310,7 +328,7 @@ class AsyncGuard(Guard):
                 p, exc, args, kwargs, offset, permit, t0
             )
             if failure is not None:
-                return await self._fallback_async(failure, t0, _ss_want, notice)
+                return await self._fallback_async(failure, t0, _ss_want, notices)
         finally:
             if p.bulkhead is not None:
                 p.bulkhead.release()
@@ -318,7 +336,7 @@ class AsyncGuard(Guard):
         if first_non_finite(value) is not None or p.output_schema is not None:
             d = self._bad_output(p, value, args, kwargs, offset, permit, latency, attempts)
             if d is not None:
-                return await self._fallback_async(d, t0, _ss_want, notice)
+                return await self._fallback_async(d, t0, _ss_want, notices)
         if latency >= breaker.quiet_below:
             breaker.on_success(permit, latency)
         check = p.confidence
@@ -329,10 +347,10 @@ class AsyncGuard(Guard):
                     p, check, conf, args, kwargs, offset, permit, latency, attempts
                 )
                 if d.flagged:
-                    return self._finish(d, value, "primary", t0, _ss_want, notice)
-                return await self._fallback_async(d, t0, _ss_want, notice)
+                    return self._finish(d, value, "primary", t0, _ss_want, notices)
+                return await self._fallback_async(d, t0, _ss_want, notices)
         return self._healthy(
-            p, value, args, kwargs, offset, t0, latency, permit, attempts, _ss_want, notice
+            p, value, args, kwargs, offset, t0, latency, permit, attempts, _ss_want, notices
         )
 
     async def call(self, *args: Any, **kwargs: Any) -> Any:

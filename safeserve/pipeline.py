@@ -14,12 +14,14 @@ from typing import Any
 
 from safeserve.confidence import ConfidenceCheck, OutputCheck
 from safeserve.decisions import InputRecorder, OpenAggregate
+from safeserve.errors import PolicyError, Problem
 from safeserve.fallbacks import CacheStep, FallbackStep, build_steps
 from safeserve.logwriter import LogWriter, writer_for
 from safeserve.policy import Policy
+from safeserve.profile import Profiler
 from safeserve.retry import RetryRunner
 from safeserve.timeouts import WorkerPool
-from safeserve.validation import SchemaValidator
+from safeserve.validation import BaselineChecks, FreshnessCheck, Invalid, SchemaValidator
 
 _INF = float("inf")
 
@@ -32,7 +34,9 @@ class Pipeline:
         "attempt_timeout",
         "bulkhead",
         "caches",
+        "checks",
         "confidence",
+        "flag_invalid",
         "fn",
         "has_deadline",
         "include_inputs",
@@ -44,14 +48,17 @@ class Pipeline:
         "plain_healthy",
         "policy",
         "pool",
+        "profile_add",
+        "profiler",
         "recorder",
         "reject_invalid",
         "retry",
         "sample_rate",
+        "schema",
         "slot_release",
         "steps",
         "timeout_s",
-        "validators",
+        "validating",
         "writer",
     )
 
@@ -61,10 +68,20 @@ class Pipeline:
         self.fn = fn
         self.policy = policy
         val = policy.validation
-        self.validators: list[Callable[[Any], Any]] = []
-        if val is not None and val.schema is not None:
-            self.validators.append(SchemaValidator(val.schema, fn))
+        log = policy.log
+        unprofiled = frozenset((log.redact + log.hash) if log else [])
+        self.schema = (
+            SchemaValidator(val.schema, fn) if val is not None and val.schema is not None else None
+        )
+        baseline = _baseline(val.baseline) if val is not None else None
+        self.checks: list[Callable[[Any], list[Problem]]] = []
+        if baseline is not None and val is not None:
+            self.checks.append(BaselineChecks(baseline, val.tolerance, frozenset()))
+        if val is not None and val.freshness is not None:
+            self.checks.append(FreshnessCheck(val.freshness.field, val.freshness.max_age_s))
+        self.validating = self.schema is not None or bool(self.checks)
         self.reject_invalid = val is not None and val.on_invalid == "reject"
+        self.flag_invalid = val is not None and val.on_invalid == "flag"
         self.output_schema = val.output_schema if val is not None else None
         self.output_check = OutputCheck(self.output_schema)
         self.confidence = ConfidenceCheck(policy.confidence) if policy.confidence else None
@@ -84,7 +101,6 @@ class Pipeline:
         # (an abandoned call keeps it), not when the caller gives up.
         self.slot_release = self.bulkhead.release if self.bulkhead is not None else None
         # -- records
-        log = policy.log
         self.writer: LogWriter | None = (
             writer_for(log.sink, log.queue_size)
             if log is not None and log.sink is not None
@@ -101,6 +117,19 @@ class Pipeline:
             if log is not None and log.open_breaker == "aggregate"
             else None
         )
+        self.profiler = (
+            Profiler(
+                baseline,
+                unprofiled,
+                policy.name,
+                policy.owner,
+                self.writer,
+                val.profile_interval_s,
+            )
+            if baseline is not None and val is not None and val.profile
+            else None
+        )
+        self.profile_add = self.profiler.add if self.profiler is not None else None
         # a healthy call needs nothing but a count: no cache to fill, no retry stats, no sample
         self.plain_healthy = not self.caches and self.retry is None and not self.sample_rate
 
@@ -131,11 +160,21 @@ class Pipeline:
         return None if self.timeout_s is None else t0 + self.timeout_s
 
     def validate(self, args: tuple[Any, ...], offset: int) -> tuple[Any, ...]:
-        """The arguments with the validated input in place of the raw one."""
+        """The arguments with the validated input in place of the raw one; `Invalid` (carrying
+        the arguments as far as validation got) when the schema or a check fails."""
         x = args[offset] if offset < len(args) else None
-        for validator in self.validators:
-            x = validator(x)
-        return (*args[:offset], x, *args[offset + 1 :])
+        if self.schema is not None:
+            try:
+                x = self.schema(x)
+            except Invalid as inv:
+                inv.call_args = args
+                raise
+            args = (*args[:offset], x, *args[offset + 1 :])
+        if self.checks:
+            problems = [problem for check in self.checks for problem in check(x)]
+            if problems:
+                raise Invalid(problems, args)
+        return args
 
     def enter_bulkhead(self) -> bool:
         """Take a `max_concurrent` slot, waiting up to `max_wait_s`."""
@@ -143,3 +182,15 @@ class Pipeline:
         if self.max_wait_s:
             return self.bulkhead.acquire(timeout=self.max_wait_s)
         return self.bulkhead.acquire(blocking=False)
+
+
+def _baseline(source: Any) -> Any:
+    """The baseline a `ValidationConfig.baseline` names (a path is loaded once, here)."""
+    if source is None or hasattr(source, "features"):
+        return source
+    from safeserve.baseline import Baseline
+
+    try:
+        return Baseline.load(source)
+    except (OSError, ValueError) as exc:
+        raise PolicyError([f"validation.baseline: cannot load {str(source)!r}: {exc}"]) from None

@@ -103,13 +103,38 @@ class ConfidenceConfig(_Config):
         return v
 
 
+class Freshness(_Config):
+    """Inputs older than `max_age_s` (by their `field` timestamp) are invalid, detail `stale`."""
+
+    field: str = Field(min_length=1)
+    max_age_s: float = Field(gt=0)
+
+
 class ValidationConfig(_Config):
-    """Input validation: a pydantic schema, later also checks derived from a training baseline."""
+    """Input validation: a pydantic schema, and per-call checks derived from a training baseline.
+
+    `baseline` (a path or an `ss.Baseline`) adds: value outside the training range (widened by
+    `tolerance` x the range on each side), unseen category, null where training had none; it also
+    turns on online feature profiles (`profile`, flushed every `profile_interval_s`).
+    `on_invalid`: "fallback" (default), "reject" (`ss.InputRejected`) or "flag" (the primary
+    serves, the decision records the problem).
+    """
 
     schema_: type[BaseModel] | None = Field(default=None, alias="schema")
     output_schema: type[BaseModel] | None = None
-    baseline: str | Path | None = None
-    on_invalid: Literal["fallback", "reject"] = "fallback"
+    baseline: Any = None
+    tolerance: float = Field(default=0.0, ge=0)
+    on_invalid: Literal["fallback", "reject", "flag"] = "fallback"
+    freshness: Freshness | None = None
+    profile: bool = True
+    profile_interval_s: float = Field(default=60.0, gt=0)
+
+    @field_validator("baseline")
+    @classmethod
+    def _baseline_kind(cls, v: Any) -> Any:
+        if v is None or isinstance(v, str | Path) or hasattr(v, "features"):
+            return v
+        raise ValueError("a path to a baseline JSON file or an ss.Baseline")
 
     @property
     def schema(self) -> type[BaseModel] | None:  # type: ignore[override]

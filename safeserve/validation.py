@@ -1,9 +1,13 @@
-"""Input validation: the pydantic schema (baseline-derived checks join this stage later)."""
+"""Input validation: the pydantic schema, then per-call checks derived from a training baseline
+(range, unseen category, null) and freshness."""
 
 from __future__ import annotations
 
 import inspect
+import math
+import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -12,10 +16,13 @@ from safeserve.errors import Problem
 
 
 class Invalid(Exception):
-    """Raised by a validator; carries the per-field problems."""
+    """Raised by validation; carries the per-field problems and the call's arguments as far as
+    validation got (with the validated input when only the baseline checks failed), which
+    `on_invalid="flag"` hands to the primary."""
 
-    def __init__(self, problems: list[Problem]) -> None:
+    def __init__(self, problems: list[Problem], call_args: tuple[Any, ...] = ()) -> None:
         self.problems = problems
+        self.call_args = call_args
         super().__init__(problems)
 
 
@@ -62,3 +69,108 @@ def _annotated_with(fn: Callable[..., Any], schema: type[BaseModel]) -> bool:
     if isinstance(ann, str):
         return ann == schema.__name__
     return isinstance(ann, type) and issubclass(ann, schema)
+
+
+def feature_getter(x: Any) -> Callable[[str], Any]:
+    """How to read a named feature of this input (mapping key or attribute)."""
+    if isinstance(x, dict):
+        return x.get
+    return lambda name: getattr(x, name, None)
+
+
+class BaselineChecks:
+    """Per-call checks compiled from a training baseline: each feature's range (widened by
+    `tolerance` x the range on each side), unseen categories (when training saw every category
+    it kept), and nulls where training had none."""
+
+    __slots__ = ("categorical", "numeric")
+
+    def __init__(self, baseline: Any, tolerance: float, skip: frozenset[str]) -> None:
+        self.numeric: list[tuple[str, float, float, bool]] = []
+        self.categorical: list[tuple[str, frozenset[str] | None, bool]] = []
+        for name, f in baseline.features.items():
+            if name in skip:
+                continue
+            allow_null = f.null_count > 0
+            if f.kind == "numeric" and f.min is not None and f.max is not None:
+                pad = tolerance * (f.max - f.min)
+                self.numeric.append((name, f.min - pad, f.max + pad, allow_null))
+            else:
+                complete = not f.proportions or f.proportions[-1] == 0
+                known = frozenset(f.categories) if complete else None
+                self.categorical.append((name, known, allow_null))
+
+    def __call__(self, x: Any) -> list[Problem]:
+        get = feature_getter(x)
+        problems: list[Problem] = []
+        for name, lo, hi, allow_null in self.numeric:
+            v = get(name)
+            t = type(v)
+            # the common case in two comparisons; NaN, None and strays fall through
+            if (t is float or t is int) and lo <= v <= hi:
+                continue
+            problem = _numeric_problem(v, lo, hi, allow_null)
+            if problem is not None:
+                problems.append(Problem(name, problem))
+        for name, known, allow_null in self.categorical:
+            v = get(name)
+            if v is None:
+                if not allow_null:
+                    problems.append(Problem(name, "null, never null in training"))
+            elif known is not None and category_key(v) not in known:
+                problems.append(Problem(name, "unseen category"))
+        return problems
+
+
+def _numeric_problem(v: Any, lo: float, hi: float, allow_null: bool) -> str | None:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None if allow_null else "null, never null in training"
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return "not a number"
+    if v < lo or v > hi:
+        return f"out of the training range [{lo:.6g}, {hi:.6g}]"
+    return None
+
+
+def category_key(value: Any) -> str:
+    """A value as a baseline category: booleans are "true"/"false", the rest their string."""
+    if type(value) is str:
+        return value
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    return str(value)
+
+
+class FreshnessCheck:
+    """An input whose timestamp field is older than `max_age_s` is stale."""
+
+    __slots__ = ("field", "max_age_s")
+
+    def __init__(self, field: str, max_age_s: float) -> None:
+        self.field = field
+        self.max_age_s = max_age_s
+
+    def __call__(self, x: Any) -> list[Problem]:
+        ts = feature_getter(x)(self.field)
+        if ts is None:
+            return [Problem(self.field, "stale: no timestamp")]
+        try:
+            when = _epoch(ts)
+        except (TypeError, ValueError):
+            return [Problem(self.field, "stale: unreadable timestamp")]
+        age = time.time() - when
+        if age > self.max_age_s:
+            return [Problem(self.field, f"stale: {age:.0f} s old > {self.max_age_s:g} s")]
+        return []
+
+
+def _epoch(ts: Any) -> float:
+    if isinstance(ts, datetime):
+        return ts.timestamp()  # a naive datetime is read as local time, as Python does
+    if isinstance(ts, int | float) and not isinstance(ts, bool):
+        return float(ts)
+    if isinstance(ts, str):
+        return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+    raise TypeError(type(ts).__name__)

@@ -13,12 +13,12 @@ from contextvars import ContextVar
 
 Noted = list[tuple[str | None, bool]]  # (served_by, degraded)
 
-_current: ContextVar[Noted | None] = ContextVar("safeserve_outcomes", default=None)
+current: ContextVar[Noted | None] = ContextVar("safeserve_outcomes", default=None)
 
 
 def note(served_by: str | None, degraded: bool) -> None:
     """Record a degraded or flagged call's outcome in the current collection, if any."""
-    noted = _current.get()
+    noted = current.get()
     if noted is not None:
         noted.append((served_by, degraded))
 
@@ -27,8 +27,8 @@ def note(served_by: str | None, degraded: bool) -> None:
 def collect() -> Iterator[Noted]:
     """Collect the outcomes noted inside the block (threads started by it share the list)."""
     noted: Noted = []
-    token = _current.set(noted)
+    token = current.set(noted)
     try:
         yield noted
     finally:
-        _current.reset(token)
+        current.reset(token)

@@ -74,6 +74,7 @@ class DegradationPath:
     """Fallbacks, records and counters of a guard (mixed into `Guard`)."""
 
     name: str
+    is_async: bool
     breaker: Breaker
     forced: str | None
     ok_latency_s: float
@@ -128,7 +129,7 @@ class DegradationPath:
             notices = [notice] if notices is None else [*notices, notice]
         if permit == REJECTED:
             reason = RawReason("breaker_open", "admit")
-        elif p.bulkhead is not None and not p.enter_bulkhead():
+        elif p.bulkhead is not None and not p.enter_bulkhead(may_block=not self.is_async):
             breaker.release(permit)
             reason = RawReason("overloaded", "admit", "max_concurrent reached")
         else:

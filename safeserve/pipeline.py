@@ -176,10 +176,11 @@ class Pipeline:
                 raise Invalid(problems, args)
         return args
 
-    def enter_bulkhead(self) -> bool:
-        """Take a `max_concurrent` slot, waiting up to `max_wait_s`."""
+    def enter_bulkhead(self, may_block: bool = True) -> bool:
+        """Take a `max_concurrent` slot, waiting up to `max_wait_s` (never on an event loop:
+        an async guard takes a free slot or none)."""
         assert self.bulkhead is not None
-        if self.max_wait_s:
+        if self.max_wait_s and may_block:
             return self.bulkhead.acquire(timeout=self.max_wait_s)
         return self.bulkhead.acquire(blocking=False)
 

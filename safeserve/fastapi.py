@@ -1,0 +1,13 @@
+"""The FastAPI integration's public names (install the `fastapi` extra).
+
+```python
+from safeserve.fastapi import SafeServeMiddleware, admin_router
+
+app.add_middleware(SafeServeMiddleware, routes={"/predict": policy})
+app.include_router(admin_router([predict], token="..."))
+```
+"""
+
+from safeserve.integrations.fastapi import SafeServeMiddleware, admin_router
+
+__all__ = ["SafeServeMiddleware", "admin_router"]

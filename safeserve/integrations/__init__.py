@@ -1,0 +1,1 @@
+"""Integrations with serving frameworks; each imports its optional dependencies itself."""

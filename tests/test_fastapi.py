@@ -1,0 +1,358 @@
+"""FastAPI integration: the guarding middleware and the admin routes, through the real ASGI stack
+(httpx.ASGITransport) and a real uvicorn process."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import MutableMapping
+from typing import Any
+
+import httpx
+import pytest
+from asgi_app import SECRET, STREAM_CHUNKS, Model, build_app, rules_fallback
+from fastapi import FastAPI
+from uvicorn_server import UvicornServer, uvicorn_server  # noqa: F401 (fixture)
+
+import safeserve as ss
+from safeserve.fastapi import SafeServeMiddleware, admin_router
+
+TOKEN = "s3cret-admin-token"
+BODY = {"amount": 12.0, "card_number": "4000-0000-0000-0002"}
+BIG = {"amount": 5000.0, "card_number": "4000-0000-0000-0002"}
+TRIP = ss.BreakerConfig(window_size=4, min_calls=2, failure_rate_threshold=0.5, open_s=30)
+
+
+def policy(name: str, **fields: Any) -> ss.Policy:
+    fields.setdefault("fallbacks", [rules_fallback()])
+    return ss.Policy(name=name, owner="risk-ml-oncall", **fields)
+
+
+def run(app: FastAPI, *calls: tuple[str, str, dict[str, Any]]) -> list[httpx.Response]:
+    """Send requests concurrently to `app` through httpx.ASGITransport."""
+
+    async def send_all() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            jobs = [client.request(method, url, **kw) for method, url, kw in calls]
+            return list(await asyncio.gather(*jobs))
+
+    return asyncio.run(send_all())
+
+
+def post(app: FastAPI, url: str = "/predict", body: Any = BODY, **kw: Any) -> httpx.Response:
+    return run(app, ("POST", url, {"json": body, **kw}))[0]
+
+
+def headers_of(r: httpx.Response) -> tuple[str | None, str | None]:
+    return r.headers.get("x-safeserve-served-by"), r.headers.get("x-safeserve-degraded")
+
+
+def assert_clean(r: httpx.Response) -> None:
+    """No trace, exception message or input value in an error body."""
+    text = r.text
+    for leak in ("Traceback", "RuntimeError", SECRET, "4000-0000", "12.0", "5000"):
+        assert leak not in text
+
+
+class TestGuardedRoute:
+    def test_healthy_call_is_served_by_the_endpoint_with_headers(self) -> None:
+        """A healthy call passes through untouched and says it was served by the primary."""
+        model = Model()
+        guard = ss.guard(policy("healthy"))(model.answer)
+        r = post(build_app(model, {"/predict": guard}))
+        assert r.status_code == 200
+        assert r.json() == {"label": "approve", "amount": 12.0, "served": "endpoint"}
+        assert headers_of(r) == ("primary", "false")
+        stats = guard.stats()
+        assert stats["calls"] == 1
+        assert stats["served_by"] == {"primary": 1}
+
+    def test_crash_falls_back_with_the_parsed_body(self) -> None:
+        """An exception in the endpoint serves the rules fallback, which sees the JSON body."""
+        model = Model("crash")
+        guard = ss.guard(policy("crash"))(model.answer)
+        app = build_app(model, {"/predict": guard})
+        small, big = post(app), post(app, body=BIG)
+        assert (small.status_code, small.json()) == (200, {"label": "approve-by-rule"})
+        assert big.json() == {"label": "review"}
+        assert big.headers["content-type"] == "application/json"
+        assert headers_of(big) == ("rules", "true")
+        decision = guard.decisions()[-1]
+        assert decision.served_by == "rules"
+        assert [r.code for r in decision.reasons] == ["error"]
+        assert "card_number" in (decision.inputs or {})
+        assert guard.breaker.figures()["failures"] == 2
+
+    def test_5xx_response_falls_back(self) -> None:
+        """A 5xx answer from the endpoint is replaced by a fallback's answer."""
+        model = Model("http500")
+        app = build_app(model, {"/predict": policy("http500")})
+        r = post(app, body=BIG)
+        assert (r.status_code, r.json()) == (200, {"label": "review"})
+        assert headers_of(r) == ("rules", "true")
+
+    @pytest.mark.parametrize("url", ["/predict", "/predict_sync"])
+    def test_slow_endpoint_times_out_and_falls_back(self, url: str) -> None:
+        """No response start within timeout_s serves a fallback at the deadline (async and sync)."""
+        model = Model("slow", slow_s=1.0)
+        guard = ss.guard(policy("slow", timeout_s=0.1))(model.answer)
+        app = build_app(model, {url: guard})
+        t = time.perf_counter()
+        r = post(app, url, body=BIG)
+        assert time.perf_counter() - t < 0.6
+        assert (r.status_code, r.json()) == (200, {"label": "review"})
+        assert headers_of(r) == ("rules", "true")
+        assert guard.decisions()[-1].reasons[0].code == "timeout"
+
+    def test_4xx_passes_through_and_is_not_a_failure(self) -> None:
+        """404 and 422 answers reach the client untouched and do not count against the breaker."""
+        model = Model("missing")
+        guard = ss.guard(policy("missing", breaker=TRIP))(model.answer)
+        app = build_app(model, {"/predict": guard})
+        responses = [post(app) for _ in range(5)]
+        invalid = post(app, body={"amount": "not a number"})
+        assert {r.status_code for r in responses} == {404}
+        assert responses[0].json() == {"detail": "no such item"}
+        assert headers_of(responses[0]) == ("primary", "false")
+        assert invalid.status_code == 422
+        assert guard.breaker.state == "closed"
+        assert guard.breaker.figures()["failures"] == 0
+        assert guard.stats()["degraded"] == 0
+
+    def test_no_fallback_answers_503_with_retry_after_and_a_clean_body(self) -> None:
+        """With no fallback, a crash is a 503 naming only the policy."""
+        model = Model("crash")
+        app = build_app(model, {"/predict": policy("bare", fallbacks=[])})
+        r = post(app)
+        assert r.status_code == 503
+        assert r.headers["retry-after"] == "1"
+        assert r.json() == {"error": "unavailable", "policy": "bare"}
+        assert headers_of(r) == ("none", "true")
+        assert_clean(r)
+
+    def test_open_breaker_skips_the_endpoint_and_sets_retry_after(self) -> None:
+        """Once open, the endpoint is not called; Retry-After is the time left open."""
+        model = Model("crash")
+        guard = ss.guard(policy("tripping", breaker=TRIP, fallbacks=[]))(model.answer)
+        app = build_app(model, {"/predict": guard})
+        for _ in range(2):
+            post(app)
+        assert guard.breaker.state == "open"
+        calls = model.calls
+        r = post(app)
+        assert model.calls == calls
+        assert r.status_code == 503
+        assert 29 <= int(r.headers["retry-after"]) <= 30
+        assert guard.decisions()[-1].reasons[0].code == "breaker_open"
+        assert_clean(r)
+
+    def test_forced_open_breaker_serves_the_fallback(self) -> None:
+        """A breaker opened by hand sends every call to the fallbacks."""
+        model = Model()
+        guard = ss.guard(policy("forced"))(model.answer)
+        guard.force_open()
+        r = post(build_app(model, {"/predict": guard}), body=BIG)
+        assert (r.json(), model.calls) == ({"label": "review"}, 0)
+
+    def test_drill_degrades_the_route(self) -> None:
+        """ss.force_degradation applies to guarded routes too."""
+        model = Model()
+        app = build_app(model, {"/predict": policy("drilled")})
+        with ss.force_degradation(reason="timeout", policy="drilled"):
+            r = post(app)
+        assert (r.json(), model.calls) == ({"label": "approve-by-rule"}, 0)
+
+    def test_bulkhead_overflow_falls_back(self) -> None:
+        """With max_concurrent=1, a second concurrent request is served by the fallback."""
+        model = Model("slow", slow_s=0.3)
+        app = build_app(model, {"/predict": policy("bulkhead", max_concurrent=1)})
+        slow: dict[str, Any] = {"json": {"amount": 1}}
+        fast: dict[str, Any] = {"json": {"amount": 1, "mode": "ok"}}
+        first, second = run(app, ("POST", "/predict", slow), ("POST", "/predict", fast))
+        assert headers_of(first) == ("primary", "false")
+        assert headers_of(second) == ("rules", "true")
+
+    def test_template_routes_are_guarded_and_others_pass_through(self) -> None:
+        """'/items/{item_id}' matches any item; an unlisted route gets no headers."""
+        model = Model()
+        app = build_app(model, {"/items/{item_id}": policy("items")})
+        item, stream = run(app, ("GET", "/items/7", {}), ("GET", "/stream", {}))
+        assert item.json()["amount"] == 7
+        assert headers_of(item) == ("primary", "false")
+        assert headers_of(stream) == (None, None)
+
+
+class TestDecoratedFunctionHeaders:
+    def test_unlisted_endpoint_gets_headers_of_a_degraded_guarded_call(self) -> None:
+        """An endpoint calling a guarded function that fell back reports it in the headers."""
+
+        async def flaky(x: dict[str, Any]) -> dict[str, Any]:
+            raise ConnectionError("down")
+
+        helper = ss.guard(name="helper", fallbacks=[ss.Fallback.static("v2", {"label": "x"})])
+        app = build_app(Model(), {}, helper=helper(flaky))
+        r = post(app, "/unlisted")
+        assert r.json() == {"answer": {"label": "x"}}
+        assert headers_of(r) == ("v2", "true")
+
+    def test_guarded_route_reports_a_degraded_inner_call(self) -> None:
+        """A guarded route whose endpoint served a fallback of an inner guard says so."""
+
+        async def flaky(x: dict[str, Any]) -> dict[str, Any]:
+            raise ConnectionError("down")
+
+        helper = ss.guard(name="inner", fallbacks=[ss.Fallback.static("inner-v2", 1)])(flaky)
+        app = build_app(Model(), {"/unlisted": policy("outer")}, helper=helper)
+        assert headers_of(post(app, "/unlisted")) == ("inner-v2", "true")
+
+
+class TestStreaming:
+    def test_chunks_are_sent_before_the_body_is_complete(self) -> None:
+        """A streamed body is passed on chunk by chunk, not buffered by the middleware."""
+        model = Model(chunk_gap_s=0.05)
+        app = build_app(model, {"/stream": policy("stream")})
+        seen: list[tuple[str, int]] = []
+
+        requests = [{"type": "http.request", "body": b"", "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if requests:
+                return requests.pop()
+            await asyncio.Event().wait()  # no disconnect: starlette cancels this at the end
+            return {"type": "http.disconnect"}
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.body" and message.get("body"):
+                seen.append((message["body"].decode(), model.chunks_made))
+
+        scope: dict[str, Any] = {"type": "http", "method": "GET", "path": "/stream"}
+        scope |= {"headers": [], "query_string": b"", "root_path": "", "http_version": "1.1"}
+        asyncio.run(app(scope, receive, send))
+        assert seen == [(f"chunk-{i}\n", i + 1) for i in range(STREAM_CHUNKS)]
+
+    def test_stream_longer_than_the_budget_is_not_replaced(self) -> None:
+        """Once the response has started, the deadline no longer applies and no fallback serves."""
+        model = Model(chunk_gap_s=0.15)
+        app = build_app(model, {"/stream": policy("long-stream", timeout_s=0.1)})
+        r = run(app, ("GET", "/stream", {}))[0]
+        assert r.text == "".join(f"chunk-{i}\n" for i in range(STREAM_CHUNKS))
+        assert headers_of(r) == ("primary", "false")
+
+    def test_non_http_scopes_go_straight_to_the_app(self) -> None:
+        """Lifespan and websocket scopes reach the app with the same receive and send."""
+        got: list[Any] = []
+
+        async def inner(scope: Any, receive: Any, send: Any) -> None:
+            got.append((scope["type"], receive, send))
+
+        middleware = SafeServeMiddleware(inner, routes={"/x": policy("ws")})
+        receive, send = object(), object()
+        asyncio.run(middleware({"type": "lifespan"}, receive, send))  # type: ignore[arg-type]
+        assert got == [("lifespan", receive, send)]
+
+
+class TestAdminRoutes:
+    @pytest.fixture
+    def guards(self) -> list[ss.Guarded]:
+        return [
+            ss.guard(policy("admin-a"))(Model().answer),
+            ss.guard(policy("admin-b", fallbacks=[]))(Model().answer),
+        ]
+
+    def admin(self, guards: list[ss.Guarded], token: str | None = TOKEN) -> FastAPI:
+        return build_app(Model("crash"), {"/predict": guards[0]}, guards=guards, token=token)
+
+    def test_health_lists_guards_and_turns_503_when_one_is_open(
+        self, guards: list[ss.Guarded]
+    ) -> None:
+        """Health is 200 while all breakers are closed and 503 once one opens."""
+        app = self.admin(guards)
+        post(app)
+        r = run(app, ("GET", "/safeserve/health", {}))[0]
+        assert r.status_code == 200
+        entry = r.json()["guards"][0]
+        assert entry["name"] == "admin-a"
+        assert (entry["state"], entry["owner"]) == ("closed", "risk-ml-oncall")
+        assert entry["recent_degradation_rate"] == 1.0
+        guards[1].open()
+        r = run(app, ("GET", "/safeserve/health", {}))[0]
+        assert (r.status_code, r.json()["status"]) == (503, "unavailable")
+
+    def test_metrics_are_prometheus_text(self, guards: list[ss.Guarded]) -> None:
+        """Calls, reasons, breaker state and latency are exported in the text format."""
+        app = self.admin(guards)
+        post(app)
+        r = run(app, ("GET", "/safeserve/metrics", {}))[0]
+        assert r.headers["content-type"].startswith("text/plain")
+        text = r.text
+        assert 'safeserve_calls_total{policy="admin-a",served_by="rules"} 1.0' in text
+        assert 'safeserve_degradations_total{policy="admin-a",reason="error"} 1.0' in text
+        assert 'safeserve_breaker_state{policy="admin-b",state="closed"} 1.0' in text
+        assert 'safeserve_request_duration_seconds_count{policy="admin-a"} 1.0' in text
+        assert 'safeserve_log_dropped_records_total{policy="admin-a"} 0.0' in text
+        admin_router(guards)  # a second registry for the same guards is fine
+
+    @pytest.mark.parametrize(
+        ("token", "authorization", "status"),
+        [
+            (None, f"Bearer {TOKEN}", 403),
+            (TOKEN, None, 401),
+            (TOKEN, "Bearer wrong-token", 403),
+            (TOKEN, f"Basic {TOKEN}", 401),
+        ],
+    )
+    def test_breaker_controls_refuse_without_the_right_token(
+        self, guards: list[ss.Guarded], token: str | None, authorization: str | None, status: int
+    ) -> None:
+        """No token configured, a missing or a wrong one: refused, and the breaker unchanged."""
+        app = self.admin(guards, token)
+        headers = {"authorization": authorization} if authorization else {}
+        r = run(app, ("POST", "/safeserve/breakers/admin-a/open", {"headers": headers}))[0]
+        assert r.status_code == status
+        assert guards[0].breaker.state == "closed"
+
+    def test_breaker_controls_open_close_and_reset(self, guards: list[ss.Guarded]) -> None:
+        """With the token, open/close/reset act on the named guard; unknown names are 404."""
+        app = self.admin(guards)
+        auth = {"headers": {"authorization": f"Bearer {TOKEN}"}}
+
+        def act(path: str) -> httpx.Response:
+            return run(app, ("POST", f"/safeserve/breakers/{path}", auth))[0]
+
+        r = act("admin-b/open")
+        assert (r.status_code, r.json()["states"]) == (200, ["open"])
+        assert guards[1].breaker.state == "open"
+        assert act("admin-b/close").json()["states"] == ["closed"]
+        guards[1].force_open()
+        assert act("admin-b/reset").json()["states"] == ["closed"]
+        assert act("nobody/open").status_code == 404
+        assert act("admin-b/explode").status_code == 404
+
+
+class TestRealUvicorn:
+    def get(self, server: UvicornServer, path: str, **kw: Any) -> httpx.Response:
+        return httpx.request(kw.pop("method", "GET"), server.url + path, timeout=5, **kw)
+
+    def test_healthy_and_fallback_over_http(self, uvicorn_server: UvicornServer) -> None:  # noqa: F811
+        """Through a real server: healthy call, a crash served by the fallback, a clean 503."""
+        ok = self.get(uvicorn_server, "/predict", method="POST", json=BODY)
+        assert (ok.status_code, headers_of(ok)) == (200, ("primary", "false"))
+        crash = self.get(uvicorn_server, "/predict", method="POST", json={**BIG, "mode": "crash"})
+        assert (crash.json(), headers_of(crash)) == ({"label": "review"}, ("rules", "true"))
+        slow = self.get(uvicorn_server, "/predict", method="POST", json={**BIG, "mode": "slow"})
+        assert (slow.json(), headers_of(slow)) == ({"label": "review"}, ("rules", "true"))
+        health = self.get(uvicorn_server, "/safeserve/health")
+        assert health.status_code == 200
+        assert {g["name"] for g in health.json()["guards"]} >= {"served", "served-stream"}
+
+    def test_stream_chunks_arrive_as_they_are_made(self, uvicorn_server: UvicornServer) -> None:  # noqa: F811
+        """The first chunk reaches the client well before the stream ends (gap 0.2 s)."""
+        arrivals: list[float] = []
+        t0 = time.perf_counter()
+        with httpx.stream("GET", uvicorn_server.url + "/stream", timeout=5) as r:
+            assert headers_of(r) == ("primary", "false")
+            for _ in r.iter_raw():
+                arrivals.append(time.perf_counter() - t0)
+        assert len(arrivals) >= 2
+        assert arrivals[0] < 0.15 < arrivals[-1]

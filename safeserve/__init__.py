@@ -4,6 +4,7 @@ The public API; everything else is private. See SPEC.md and README.md.
 """
 
 from safeserve.baseline import Baseline, BaselineError, FeatureBaseline
+from safeserve.config import load_policies, watch_policies
 from safeserve.decisions import Attempt, Decision, Outcome, Reason
 from safeserve.decorator import AsyncGuarded, Guarded, guard
 from safeserve.errors import (
@@ -24,7 +25,7 @@ from safeserve.policy import (
     Rule,
     ValidationConfig,
 )
-from safeserve.registry import force_degradation, testing
+from safeserve.registry import force_degradation, record_outcome, testing
 
 __version__ = "0.1.0"
 
@@ -55,5 +56,8 @@ __all__ = [
     "flush_logs",
     "force_degradation",
     "guard",
+    "load_policies",
+    "record_outcome",
     "testing",
+    "watch_policies",
 ]

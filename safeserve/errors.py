@@ -93,7 +93,8 @@ def _friendly_message(e: Any) -> str:
     ctx = e.get("ctx") or {}
     if kind in _BOUND_WORDS:
         bound = next(iter(ctx.values()), "?")
-        return f"must be {_BOUND_WORDS[kind]} {bound}"
+        shown = format(bound, "g") if isinstance(bound, float) else bound
+        return f"must be {_BOUND_WORDS[kind]} {shown}"
     if kind == "missing":
         return "is required"
     if kind == "extra_forbidden":

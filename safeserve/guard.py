@@ -27,6 +27,7 @@ from safeserve.confidence import first_non_finite
 from safeserve.decisions import Decision, RawAttempt, RawReason, Record
 from safeserve.degrade import Degradation, DegradationPath, failed_attempt, ms
 from safeserve.errors import AttemptTimeout, Overloaded, PolicyError
+from safeserve.logwriter import LogWriter
 from safeserve.pipeline import Pipeline
 from safeserve.policy import Policy
 from safeserve.validation import Invalid
@@ -64,17 +65,18 @@ class Guard(DegradationPath):
         offset = _ss_offset
         if self.forced is not None:
             return self._fallback_sync(self._drill(p, args, kwargs, offset), t0, _ss_want)
-        if p.profile_add is not None:
-            p.profile_add(args[offset] if offset < len(args) else None)
         notices: list[RawReason] | None = None
-        if p.validating:
-            try:
-                args = p.validate(args, offset)
-            except Invalid as inv:
-                invalid = self._invalid(p, inv, args, kwargs, offset, t0)
-                if not p.flag_invalid:
-                    return self._fallback_sync(invalid, t0, _ss_want)
-                args, notices = inv.call_args, invalid.reasons  # served, but on the record
+        if p.inspects_input:
+            if p.profile_add is not None:
+                p.profile_add(args[offset] if offset < len(args) else None)
+            if p.validating:
+                try:
+                    args = p.validate(args, offset)
+                except Invalid as inv:
+                    invalid = self._invalid(p, inv, args, kwargs, offset, t0)
+                    if not p.flag_invalid:
+                        return self._fallback_sync(invalid, t0, _ss_want)
+                    args, notices = inv.call_args, invalid.reasons  # served, but recorded
         breaker = self.breaker
         permit = breaker.fast_permit
         if not permit or p.bulkhead is not None:
@@ -92,8 +94,8 @@ class Guard(DegradationPath):
             if failure is not None:
                 return self._fallback_sync(failure, t0, _ss_want, notices)
         finally:
-            if p.bulkhead is not None and p.pool is None:
-                p.bulkhead.release()
+            if p.inline_slot:
+                p.bulkhead.release()  # type: ignore[union-attr]
         latency = perf_counter() - t0
         # -- checks, inline: this is the path every healthy call takes
         if first_non_finite(value) is not None or p.output_schema is not None:
@@ -267,6 +269,10 @@ class Guard(DegradationPath):
         if p.profiler is not None:
             p.profiler.emit()
 
+    def policy_writer(self) -> LogWriter | None:
+        """The decision-log writer of the current policy (None without a sink)."""
+        return self._p.writer
+
     def profile(self) -> dict[str, Any] | None:
         """The feature profile since the last profile record (None without a baseline)."""
         return self._p.profiler.snapshot() if self._p.profiler is not None else None
@@ -295,17 +301,18 @@ class AsyncGuard(Guard):
         if self.forced is not None:
             drill = self._drill(p, args, kwargs, offset)
             return await self._fallback_async(drill, t0, _ss_want)
-        if p.profile_add is not None:
-            p.profile_add(args[offset] if offset < len(args) else None)
         notices: list[RawReason] | None = None
-        if p.validating:
-            try:
-                args = p.validate(args, offset)
-            except Invalid as inv:
-                invalid = self._invalid(p, inv, args, kwargs, offset, t0)
-                if not p.flag_invalid:
-                    return await self._fallback_async(invalid, t0, _ss_want)
-                args, notices = inv.call_args, invalid.reasons  # served, but on the record
+        if p.inspects_input:
+            if p.profile_add is not None:
+                p.profile_add(args[offset] if offset < len(args) else None)
+            if p.validating:
+                try:
+                    args = p.validate(args, offset)
+                except Invalid as inv:
+                    invalid = self._invalid(p, inv, args, kwargs, offset, t0)
+                    if not p.flag_invalid:
+                        return await self._fallback_async(invalid, t0, _ss_want)
+                    args, notices = inv.call_args, invalid.reasons  # served, but recorded
         breaker = self.breaker
         permit = breaker.fast_permit
         if not permit or p.bulkhead is not None:

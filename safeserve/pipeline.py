@@ -41,6 +41,8 @@ class Pipeline:
         "has_deadline",
         "include_inputs",
         "include_outputs",
+        "inline_slot",
+        "inspects_input",
         "max_wait_s",
         "open_aggregate",
         "output_check",
@@ -130,6 +132,8 @@ class Pipeline:
             else None
         )
         self.profile_add = self.profiler.add if self.profiler is not None else None
+        self.inspects_input = self.validating or self.profile_add is not None
+        self.inline_slot = self.bulkhead is not None and self.pool is None  # freed by the caller
         # a healthy call needs nothing but a count: no cache to fill, no retry stats, no sample
         self.plain_healthy = not self.caches and self.retry is None and not self.sample_rate
 

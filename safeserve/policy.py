@@ -6,7 +6,6 @@ Every model is frozen and rejects unknown fields; a bad value raises `PolicyErro
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -91,16 +90,9 @@ class BreakerConfig(_Config):
 class ConfidenceConfig(_Config):
     """Confidence check on the primary's answer."""
 
-    threshold: float
+    threshold: float = Field(ge=0, le=1)
     extract: str | Callable[[Any], Any] = "auto"
     action: Literal["fallback", "flag"] = "fallback"
-
-    @field_validator("threshold")
-    @classmethod
-    def _finite(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        return v
 
 
 class Freshness(_Config):
@@ -187,7 +179,7 @@ class Fallback(_Config):
     max_items: int = Field(default=10_000, ge=1)
     value: Any = None
     timeout_s: float | None = Field(default=None, gt=0)
-    threshold: float | None = None
+    threshold: float | None = Field(default=None, ge=0, le=1)
 
     @model_validator(mode="after")
     def _kind_fields(self) -> Fallback:

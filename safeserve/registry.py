@@ -6,7 +6,7 @@ import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from safeserve.guard import Guard
@@ -92,3 +92,48 @@ class testing:
         global testing_mode
         testing_mode = self._was
         set_synchronous(self._was)
+
+
+class _OutcomeRecord:
+    __slots__ = ("decision_id", "outcome", "policy")
+
+    def __init__(self, decision_id: str, outcome: Any, policy: str) -> None:
+        self.decision_id = decision_id
+        self.outcome = outcome
+        self.policy = policy
+
+    def to_record(self) -> dict[str, Any]:
+        from safeserve.decisions import SCHEMA_VERSION, json_safe, new_id, now_utc
+
+        return {
+            "kind": "outcome",
+            "schema_version": SCHEMA_VERSION,
+            "id": new_id(),
+            "ts": now_utc().isoformat(),
+            "policy": self.policy,
+            "decision_id": self.decision_id,
+            "outcome": json_safe(self.outcome),
+        }
+
+
+def record_outcome(decision_id: str, outcome: Any, *, policy: str | None = None) -> None:
+    """Record a label that arrived later (a `kind: "outcome"` record joined to its decision by
+    id), so the skew report can show quality by `served_by` and by reason.
+
+    Written to the decision log of the guard(s) of `policy`; without `policy`, to the one
+    decision log in use. Raises `SafeServeError` when that is ambiguous or there is no log.
+    """
+    from safeserve.errors import SafeServeError
+
+    guards = [g for g in live_guards() if policy is None or g.name == policy]
+    writers = {id(w): (w, g.name) for g in guards if (w := g.policy_writer()) is not None}
+    if not writers:
+        raise SafeServeError(
+            f"no decision log to record the outcome in (policy={policy!r}): "
+            "configure DecisionLogConfig(sink=...)"
+        )
+    if len(writers) > 1:
+        names = sorted({name for _, name in writers.values()})
+        raise SafeServeError(f"several decision logs ({', '.join(names)}): pass policy=...")
+    writer, name = next(iter(writers.values()))
+    writer.submit(_OutcomeRecord(decision_id, outcome, name))

@@ -112,7 +112,44 @@ def build_parser() -> argparse.ArgumentParser:
     from safeserve.baseline_cli import add_baseline_parser
 
     add_baseline_parser(commands)
+    serve = commands.add_parser(
+        "serve",
+        help="serve every policy's model over HTTP (FastAPI + uvicorn)",
+        description="POST /v1/models/{name}/predict per policy, plus /safeserve admin routes.",
+    )
+    serve.add_argument("policies", metavar="POLICIES", help="a .yaml/.yml/.toml policies file")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument(
+        "--admin-token",
+        default=None,
+        help="bearer token for the breaker routes (else $SAFESERVE_ADMIN_TOKEN; none: refused)",
+    )
+    serve.set_defaults(handler=_serve)
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from safeserve.errors import PolicyError
+
+    try:
+        from safeserve.serve import serve
+    except ImportError as exc:
+        print(f"safeserve serve needs the fastapi extra: {exc}", file=sys.stderr)
+        return 2
+    sys.path.insert(0, os.getcwd())  # import paths in the file resolve from here, as in `check`
+    token = args.admin_token or os.environ.get("SAFESERVE_ADMIN_TOKEN") or None
+    try:
+        return serve(args.policies, args.host, args.port, args.workers, token)
+    except PolicyError as err:
+        print(f"{args.policies}:\n{err}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"safeserve serve: {exc}", file=sys.stderr)
+        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -52,5 +52,13 @@ def guard(policy: Policy | Callable[..., Any] | None = None, /, **fields: Any) -
     return decorate
 
 
+def guard_model(policy: Policy) -> Guard:
+    """The guard of the model a policy names (`Policy(model=...)`, as config files give)."""
+    if policy.model is None:
+        raise PolicyError([f"{policy.name}.model: the policy names no model to guard"])
+    fn = policy.model
+    return (AsyncGuard if inspect.iscoroutinefunction(fn) else Guard)(fn, policy)
+
+
 def _shallow(policy: Policy) -> dict[str, Any]:
     return {name: getattr(policy, name) for name in type(policy).model_fields}

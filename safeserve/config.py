@@ -21,17 +21,10 @@ from pydantic import BaseModel, ValidationError
 
 from safeserve.configfile import ROOT, SUFFIXES, Parsed, Path_, parse
 from safeserve.configschema import FilePolicy, PolicyFile, resolve, to_policy
-from safeserve.errors import PolicyError
+from safeserve.errors import PolicyError, friendly_message
 from safeserve.policy import Policy
 
 logger = logging.getLogger("safeserve.config")
-
-_BOUNDS = {
-    "greater_than": ">",
-    "greater_than_equal": ">=",
-    "less_than": "<",
-    "less_than_equal": "<=",
-}
 
 
 def load_policies(
@@ -210,29 +203,10 @@ def _has_index(node: Any, part: Any) -> bool:
 
 
 def _message(e: Any, loc: Path_) -> str:
-    kind, ctx = e["type"], e.get("ctx") or {}
-    if kind in _BOUNDS:
-        bound = next(iter(ctx.values()), "?")
-        shown = format(bound, "g") if isinstance(bound, float) else bound
-        return f"must be {_BOUNDS[kind]} {shown}"
-    if kind == "missing":
-        return "is required"
-    if kind == "extra_forbidden":
-        known = _known_fields(loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    if e["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(str(loc[-1]), _known_fields(loc[:-1]), n=1)
         return "is not a known field" + (f"; did you mean {close[0]!r}?" if close else "")
-    if kind in ("model_type", "dict_type", "model_attributes_type"):
-        return "must be a mapping"
-    msg = str(e["msg"])
-    for lead in ("Value error, ", "Assertion failed, "):
-        msg = msg.removeprefix(lead)
-    for said, says in (
-        ("Input should", "must"),
-        ("String should", "must"),
-        ("List should", "must"),
-    ):
-        msg = msg.replace(said, says)
-    return msg
+    return friendly_message(e)
 
 
 def _known_fields(loc: Path_) -> list[str]:

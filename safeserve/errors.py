@@ -37,7 +37,7 @@ class PolicyError(SafeServeError, ValueError):
         for e in err.errors(include_input=False, include_url=False):
             path = _format_loc(e["loc"])
             where = f"{prefix}.{path}" if prefix and path else (prefix or path or "<root>")
-            lines.append(f"{where}: {_friendly_message(e)}")
+            lines.append(f"{where}: {friendly_message(e)}")
         return cls(lines)
 
 
@@ -88,7 +88,8 @@ _BOUND_WORDS = {
 }
 
 
-def _friendly_message(e: Any) -> str:
+def friendly_message(e: Any) -> str:
+    """A pydantic error as a short instruction a person can act on (`must be > 0`)."""
     kind = e.get("type", "")
     ctx = e.get("ctx") or {}
     if kind in _BOUND_WORDS:
@@ -99,5 +100,11 @@ def _friendly_message(e: Any) -> str:
         return "is required"
     if kind == "extra_forbidden":
         return "is not a known field"
+    if kind in ("model_type", "dict_type", "model_attributes_type"):
+        return "must be a mapping"
     msg = str(e.get("msg", "invalid"))
+    for lead in ("Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(lead)
+    for said in ("Input should", "String should", "List should"):
+        msg = msg.replace(said, "must")
     return msg[:1].lower() + msg[1:]

@@ -8,6 +8,7 @@ app.include_router(admin_router([predict], token="..."))
 ```
 """
 
-from safeserve.integrations.fastapi import SafeServeMiddleware, admin_router
+from safeserve.integrations.admin import admin_router
+from safeserve.integrations.middleware import SafeServeMiddleware
 
 __all__ = ["SafeServeMiddleware", "admin_router"]

@@ -1,0 +1,187 @@
+"""admin_router: health, Prometheus metrics and breaker controls for a set of guards.
+
+Everything is read from the guards' own counters at request or scrape time, so serving these
+routes adds nothing to a guarded call.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import weakref
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from time import monotonic
+from typing import Annotated
+
+from fastapi import APIRouter, Header
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from safeserve import registry
+from safeserve.breaker import DISABLED, FORCED_OPEN, HALF_OPEN, METRICS_ONLY, OPEN
+from safeserve.guard import Guard
+from safeserve.integrations.middleware import LATENCY_BUCKETS, route_latency
+
+_COUNTERS = {
+    "calls": ("Guarded calls by how they were served", ["policy", "served_by"]),
+    "degradations": ("Degraded calls by reason", ["policy", "reason"]),
+    "log_dropped_records": ("Decision records dropped by a full log queue", ["policy"]),
+}
+_STATES = ("closed", OPEN, HALF_OPEN, FORCED_OPEN, DISABLED, METRICS_ONLY)
+
+
+class _RecentRate:
+    """Degradation rate over about the last minute, from counts sampled on each read."""
+
+    window_s = 60.0
+
+    def __init__(self) -> None:
+        self._samples: weakref.WeakKeyDictionary[Guard, deque[tuple[float, int, int]]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def rate(self, guard: Guard, calls: int, degraded: int) -> float:
+        """Degraded / calls since the newest sample at least `window_s` old (else since start)."""
+        now = monotonic()
+        samples = self._samples.setdefault(guard, deque())
+        while len(samples) > 1 and now - samples[1][0] >= self.window_s:
+            samples.popleft()
+        base_calls, base_degraded = 0, 0
+        if samples and now - samples[0][0] >= self.window_s:
+            base_calls, base_degraded = samples[0][1], samples[0][2]
+        if not samples or now - samples[-1][0] >= 1.0:
+            samples.append((now, calls, degraded))
+        n = calls - base_calls
+        return round((degraded - base_degraded) / n, 4) if n > 0 else 0.0
+
+
+class _Collector(Collector):
+    """Prometheus metrics read from the guards' own counters at scrape time (no hot-path cost).
+
+    Guards sharing a name are summed under one `policy` label (an open breaker wins the state).
+    """
+
+    def __init__(self, guards: Callable[[], list[Guard]]) -> None:
+        self.guards = guards
+
+    def collect(self) -> Iterator[Metric]:
+        counts: dict[str, Counter[tuple[str, ...]]] = {name: Counter() for name in _COUNTERS}
+        states: dict[str, str] = {}
+        latency: dict[str, tuple[list[int], float]] = {}
+        for g in self.guards():
+            stats = g.stats()
+            counts["calls"].update({(g.name, str(k)): n for k, n in stats["served_by"].items()})
+            counts["calls"][g.name, "none"] += stats["failed"]
+            counts["degradations"].update({(g.name, k): n for k, n in stats["reasons"].items()})
+            counts["log_dropped_records"][(g.name,)] += stats["dropped_records"]
+            if states.get(g.name) not in (OPEN, FORCED_OPEN):
+                states[g.name] = stats["breaker_state"]
+            h = route_latency(g)
+            if h is not None:
+                buckets, total = latency.get(g.name, ([0] * len(h.counts), 0.0))
+                summed = [a + b for a, b in zip(buckets, h.counts, strict=True)]
+                latency[g.name] = (summed, total + h.total_s)
+        for name, (documentation, labels) in _COUNTERS.items():
+            counter = CounterMetricFamily(f"safeserve_{name}", documentation, labels=labels)
+            for values, n in counts[name].items():
+                counter.add_metric(list(values), n)
+            yield counter
+        gauge = GaugeMetricFamily(
+            "safeserve_breaker_state", "1 for the breaker's state", labels=["policy", "state"]
+        )
+        for policy, state in states.items():
+            for s in _STATES:
+                gauge.add_metric([policy, s], float(s == state))
+        yield gauge
+        histogram = HistogramMetricFamily(
+            "safeserve_request_duration_seconds", "Guarded route latency", labels=["policy"]
+        )
+        bounds = (*map(str, LATENCY_BUCKETS), "+Inf")
+        for policy, (buckets, total) in latency.items():
+            cumulative = itertools.accumulate(buckets)
+            histogram.add_metric([policy], list(zip(bounds, cumulative, strict=True)), total)
+        yield histogram
+
+
+def _refusal(authorization: str | None, token: str | None) -> JSONResponse | None:
+    """None when the bearer token matches; else the 401/403 to send."""
+    if token is None:
+        return JSONResponse({"error": "forbidden", "detail": "no admin token configured"}, 403)
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        return JSONResponse({"error": "unauthorized"}, 401, headers={"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        return JSONResponse({"error": "forbidden"}, 403)
+    return None
+
+
+def admin_router(
+    guards: Iterable[Guard] | None = None, token: str | None = None, prefix: str = "/safeserve"
+) -> APIRouter:
+    """Health, Prometheus metrics and breaker controls for `guards` (all live guards if None).
+
+    `POST {prefix}/breakers/{name}/{open|close|reset}` needs `Authorization: Bearer <token>`;
+    without a configured token it always answers 403.
+    """
+    fixed = list(guards) if guards is not None else None
+
+    def chosen() -> list[Guard]:
+        return fixed if fixed is not None else registry.live_guards()
+
+    recent = _RecentRate()
+    metrics = CollectorRegistry(auto_describe=False)  # one per router: re-creation is fine
+    metrics.register(_Collector(chosen))
+    router = APIRouter(prefix=prefix, tags=["safeserve"])
+
+    @router.get("/health")
+    async def health() -> JSONResponse:
+        entries = []
+        for g in chosen():
+            stats = g.stats()
+            entries.append(
+                {
+                    "name": g.name,
+                    "owner": g.policy.owner,
+                    "state": stats["breaker_state"],
+                    "calls": stats["calls"],
+                    "degraded": stats["degraded"],
+                    "recent_degradation_rate": recent.rate(g, stats["calls"], stats["degraded"]),
+                }
+            )
+        down = any(e["state"] in (OPEN, FORCED_OPEN) for e in entries)
+        body = {"status": "unavailable" if down else "ok", "guards": entries}
+        return JSONResponse(body, 503 if down else 200)
+
+    @router.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
+
+    @router.post("/breakers/{name}/{action}")
+    async def breaker_action(
+        name: str, action: str, authorization: Annotated[str | None, Header()] = None
+    ) -> JSONResponse:
+        refused = _refusal(authorization, token)
+        if refused is not None:
+            return refused
+        if action not in ("open", "close", "reset"):
+            return JSONResponse(
+                {"error": "unknown action", "actions": ["open", "close", "reset"]}, 404
+            )
+        targets = [g for g in chosen() if g.name == name]
+        if not targets:
+            return JSONResponse({"error": "unknown guard"}, 404)
+        for g in targets:
+            getattr(g, action)()
+        return JSONResponse(
+            {"name": name, "action": action, "states": [g.breaker.state for g in targets]}
+        )
+
+    return router

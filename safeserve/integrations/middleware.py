@@ -1,0 +1,396 @@
+"""SafeServeMiddleware: a pure ASGI middleware that guards HTTP routes with a guard's policy.
+
+It applies a guard's breaker, bulkhead, time budget and fallbacks around an endpoint, the way the
+guard does around a function: the degradation path, counters and decision records are the
+guard's own, so `stats()`, `decisions()`, drills and the log behave the same for a route as for a
+decorated function. Only `http.response.start` is inspected: a 5xx start is dropped and replaced
+by a fallback's answer; any other start is sent at once and the body streams through untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import weakref
+from bisect import bisect_left
+from collections.abc import Awaitable, Mapping
+from time import perf_counter
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from safeserve.context import Noted
+from safeserve.context import current as _outcomes
+from safeserve.decisions import RawReason, json_safe
+from safeserve.degrade import Degradation, failed_attempt
+from safeserve.errors import AttemptTimeout, NoFallbackAvailable
+from safeserve.guard import AsyncGuard, Guard
+from safeserve.policy import Policy
+
+SERVED_BY = b"x-safeserve-served-by"
+DEGRADED = b"x-safeserve-degraded"
+_HEALTHY = [(SERVED_BY, b"primary"), (DEGRADED, b"false")]
+_JSON = (b"content-type", b"application/json")
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class EndpointError(Exception):
+    """The endpoint answered with a 5xx status, or returned without answering."""
+
+
+class LatencyHistogram:
+    """Request latencies of one guarded route, in Prometheus buckets (read at scrape time)."""
+
+    __slots__ = ("counts", "total_s")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total_s = 0.0
+
+
+# Latency of the guards a middleware serves, for the metrics route; written at setup only.
+_latencies: weakref.WeakKeyDictionary[Guard, LatencyHistogram] = weakref.WeakKeyDictionary()
+
+
+def route_latency(guard: Guard) -> LatencyHistogram | None:
+    """The latency histogram of the routes `guard` serves (None if it serves none)."""
+    return _latencies.get(guard)
+
+
+class _Route:
+    """A guarded route: the app behind it, its guard, latency histogram and body limit."""
+
+    __slots__ = ("app", "guard", "latency", "max_body")
+
+    def __init__(self, app: ASGIApp, guard: Guard, max_body: int) -> None:
+        self.app = app
+        self.guard = guard
+        self.latency = _latencies.setdefault(guard, LatencyHistogram())
+        self.max_body = max_body
+
+
+def _guard_for(target: Policy | Guard, path: str) -> Guard:
+    """The route's guard: the one given, or a new one whose 'function' is the endpoint."""
+    if isinstance(target, Guard):
+        return target
+    if not isinstance(target, Policy):
+        raise TypeError(f"routes[{path!r}]: expected a Policy or a guard, got {type(target)!r}")
+
+    async def endpoint(body: Any) -> Any:
+        """Stands for the HTTP endpoint, which the middleware calls itself."""
+        raise NotImplementedError(f"the endpoint {path} is served by SafeServeMiddleware")
+
+    endpoint.__qualname__ = endpoint.__name__ = f"endpoint {path}"
+    return AsyncGuard(endpoint, target)
+
+
+def _template_regex(template: str) -> str:
+    """A path template ("/items/{id}", "/files/{p:path}") as a regex with no capture groups."""
+    out = []
+    for i, part in enumerate(re.split(r"\{([^}]*)\}", template)):
+        if i % 2 == 0:
+            out.append(re.escape(part))
+        else:
+            kind = part.partition(":")[2]
+            out.append({"path": ".*", "int": "[0-9]+"}.get(kind, "[^/]+"))
+    return "".join(out)
+
+
+def _add_headers(message: Message, extra: list[tuple[bytes, bytes]]) -> None:
+    # a new list: a Response object reuses its own header list for every send
+    message["headers"] = [*message.get("headers", ()), *extra]
+
+
+async def _dropped() -> None:
+    """What `send` awaits for a message the middleware drops."""
+
+
+def _noted_headers(noted: Noted) -> list[tuple[bytes, bytes]]:
+    """Headers for what guarded calls inside the endpoint noted (the first degraded one wins)."""
+    for served_by, degraded in noted:
+        if degraded:
+            name = "none" if served_by is None else served_by
+            return [(SERVED_BY, name.encode("latin-1", "replace")), (DEGRADED, b"true")]
+    return _HEALTHY
+
+
+class SafeServeMiddleware:
+    """Guards the listed routes (exact paths or templates) with a policy or an existing guard.
+
+    Routes not listed, and non-HTTP scopes, go straight to the app; an unlisted endpoint that
+    calls a guarded function which degraded still gets the X-SafeServe headers.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        routes: Mapping[str, Policy | Guard],
+        *,
+        max_body_bytes: int = 1 << 20,
+        annotate_unlisted: bool = True,
+    ) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.annotate_unlisted = annotate_unlisted
+        self.exact: dict[str, _Route] = {}
+        self.templated: list[_Route] = []
+        patterns = []
+        for path, target in routes.items():
+            route = _Route(app, _guard_for(target, path), max_body_bytes)
+            if "{" in path:
+                patterns.append(f"(?P<r{len(self.templated)}>{_template_regex(path)})")
+                self.templated.append(route)
+            else:
+                self.exact[path] = route
+        self.pattern = re.compile("|".join(patterns)) if patterns else None
+        self.guards = [r.guard for r in (*self.exact.values(), *self.templated)]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = self.exact.get(scope["path"])
+        if route is None and self.pattern is not None:
+            match = self.pattern.fullmatch(scope["path"])
+            if match is not None and match.lastgroup is not None:
+                route = self.templated[int(match.lastgroup[1:])]
+        if route is not None:
+            await _Responder(route, receive, send).serve(scope)
+        elif self.annotate_unlisted:
+            await _annotated(self.app, scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+async def _annotated(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Run an unlisted endpoint; add the headers only if a guarded call in it noted something."""
+    noted: Noted = []
+
+    async def send_noted(message: Message) -> None:
+        if noted and message["type"] == "http.response.start":
+            _add_headers(message, _noted_headers(noted))
+        await send(message)
+
+    token = _outcomes.set(noted)  # context.collect(), minus the generator's cost
+    try:
+        await app(scope, receive, send_noted)
+    finally:
+        _outcomes.reset(token)
+
+
+class _Responder:
+    """One guarded request: admission, the endpoint under its time budget, else a fallback.
+
+    State a healthy request never changes stays at the class defaults below, so creating one
+    sets five attributes.
+    """
+
+    started = False  # a response start went out: the endpoint's answer stands
+    closed = False  # the endpoint's messages are dropped from now on
+    expired = False  # the time budget ran out before the response started
+    failed_status = 0
+    permit = 0
+    chunks: list[bytes] | None = None  # the request body as read so far, for a fallback
+    body_size = 0
+    body_done = False
+    decided: asyncio.Future[None] | None = None
+    timer: asyncio.TimerHandle | None = None
+    task: asyncio.Future[None] | None = None
+
+    def __init__(self, route: _Route, receive: Receive, send: Send) -> None:
+        self.route = route
+        self.receive = receive
+        self.send = send
+        self.noted: Noted = []
+        self.t0 = perf_counter()
+
+    async def serve(self, scope: Scope) -> None:
+        """Admit, run the endpoint, then record its outcome or answer from a fallback."""
+        guard = self.route.guard
+        p = guard._p
+        token = _outcomes.set(self.noted)  # what context.collect() does, without its cost
+        try:
+            if guard.forced is not None:
+                await self.fall_back(guard._drill(p, (), {}, 0), None)
+                return
+            permit = guard.breaker.fast_permit
+            notices: list[RawReason] | None = None
+            if not permit or p.bulkhead is not None:
+                permit, notices, refused = guard._admit(p, (), {}, 0, None)
+                if refused is not None:
+                    await self.fall_back(refused, None)
+                    return
+            self.permit = permit
+            failure: Exception | None = None
+            try:
+                if p.timeout_s is None:
+                    await self.route.app(scope, self.receive_tee, self.send_checked)
+                else:
+                    await self.call_within(scope, p.timeout_s)
+                if not self.started:
+                    failure = EndpointError(
+                        f"HTTP {self.failed_status}"
+                        if self.failed_status
+                        else "the endpoint returned without a response"
+                    )
+            except asyncio.CancelledError:
+                guard.breaker.release(permit)  # the client or server went away: no outcome
+                raise
+            except Exception as exc:
+                if self.started:
+                    raise  # a streamed response failed midway: too late for a fallback
+                failure = exc
+            finally:
+                if p.bulkhead is not None:
+                    p.bulkhead.release()
+            latency = perf_counter() - self.t0
+            histogram = self.route.latency
+            histogram.counts[bisect_left(LATENCY_BUCKETS, latency)] += 1
+            histogram.total_s += latency
+            if failure is not None:
+                attempts = [failed_attempt(failure, latency)]
+                d = guard._primary_failed(p, failure, (), {}, 0, permit, self.t0, attempts)
+                await self.fall_back(d, notices)
+            elif notices:  # served, but a notice (e.g. store_unavailable) goes on the record
+                d = Degradation(p, (None,), {}, 0, guard.breaker.state_of(permit), [])
+                d.flagged = True
+                guard._finish(d, None, "primary", self.t0, False, notices)
+        finally:
+            _outcomes.reset(token)
+
+    async def call_within(self, scope: Scope, timeout_s: float) -> None:
+        """Run the endpoint in its own task, abandoned if it has not started its response by
+        the deadline (a sync endpoint's thread cannot be interrupted, only left behind)."""
+        loop = asyncio.get_running_loop()
+        self.decided = decided = loop.create_future()
+        endpoint = self.route.app(scope, self.receive_tee, self.send_checked)
+        self.task = task = asyncio.ensure_future(endpoint, loop=loop)  # apps return coroutines
+        task.add_done_callback(self._ended)
+        self.timer = loop.call_later(timeout_s, self._expire)
+        try:
+            await decided  # set when the endpoint ends, or at the deadline
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            if self.timer is not None:
+                self.timer.cancel()
+        if self.expired:
+            raise AttemptTimeout(f"no response within {timeout_s * 1000:.0f} ms")
+        task.result()
+
+    def _expire(self) -> None:
+        if not self.started and self.task is not None:
+            self.expired = self.closed = True
+            self.task.cancel()
+            self._decide()
+
+    def _ended(self, task: asyncio.Future[None]) -> None:
+        if not task.cancelled():
+            task.exception()  # an abandoned endpoint's error is seen here, not logged as lost
+        self._decide()
+
+    def _decide(self) -> None:
+        if self.decided is not None and not self.decided.done():
+            self.decided.set_result(None)
+
+    async def receive_tee(self) -> Message:
+        """The request, as read by the endpoint; its body is kept for a fallback."""
+        message = await self.receive()
+        if message["type"] == "http.request" and not self.body_done:
+            if self.chunks is None and not message.get("more_body"):
+                self.chunks = [message.get("body", b"")]  # the common case: one chunk
+                self.body_done = True
+            else:
+                self._keep(message)
+        return message
+
+    def _keep(self, message: Message) -> None:
+        body = message.get("body", b"")
+        if self.chunks is None:
+            self.chunks = []
+        self.body_size += len(body)
+        if self.body_size <= self.route.max_body:
+            self.chunks.append(body)
+        self.body_done = not message.get("more_body", False)
+
+    def send_checked(self, message: Message) -> Awaitable[None]:
+        """The endpoint's `send`: the response start is checked, the rest passed on.
+
+        A plain function returning `send`'s awaitable: one coroutine less per message.
+        """
+        if self.started:
+            return self.send(message)
+        if self.closed:
+            return _dropped()
+        if message["type"] != "http.response.start":
+            return self.send(message)
+        status = message["status"]
+        if status >= 500:
+            self.failed_status = status
+            self.closed = True
+            self._decide()
+            return _dropped()
+        self.started = True
+        if self.timer is not None:
+            self.timer.cancel()  # the answer has begun: the time budget no longer applies
+            self.timer = None
+        guard = self.route.guard
+        breaker = guard.breaker
+        if status >= 400:  # a 4xx is the endpoint's answer, neither success nor failure
+            breaker.release(self.permit)
+        else:
+            latency = perf_counter() - self.t0
+            if latency >= breaker.quiet_below:
+                breaker.on_success(self.permit, latency)
+        next(guard._healthy_count)
+        headers = message.get("headers", ())
+        # a new list: a Response object reuses its own header list for every send
+        if self.noted:
+            message["headers"] = [*headers, *_noted_headers(self.noted)]
+        elif type(headers) is list:
+            message["headers"] = headers + _HEALTHY
+        else:
+            message["headers"] = [*headers, *_HEALTHY]
+        return self.send(message)
+
+    async def request_input(self) -> Any:
+        """The request body as parsed JSON (None when absent, too large or not JSON)."""
+        while not self.body_done:
+            message = await self.receive()
+            if message["type"] != "http.request":
+                break
+            self._keep(message)
+        chunks = self.chunks
+        if not chunks:
+            return None
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if len(body) > self.route.max_body or self.body_size > self.route.max_body:
+            return None
+        try:
+            return json.loads(body)
+        except ValueError:
+            return None
+
+    async def fall_back(self, d: Degradation, notices: list[RawReason] | None) -> None:
+        """Walk the guard's fallbacks with the parsed body; answer 200 JSON, else 503."""
+        guard = self.route.guard
+        d.args = (await self.request_input(),)
+        try:
+            value = await guard._fallback_async(d, self.t0, False, notices)
+        except NoFallbackAvailable:
+            retry_after = max(1, math.ceil(guard.breaker.retry_after_s()))
+            body = {"error": "unavailable", "policy": guard.name}
+            extra = [(b"retry-after", str(retry_after).encode())]
+            await self.respond(503, body, _noted_headers(self.noted[-1:]) + extra)
+            return
+        await self.respond(200, json_safe(value), _noted_headers(self.noted[-1:]))
+
+    async def respond(self, status: int, body: Any, headers: list[tuple[bytes, bytes]]) -> None:
+        content = json.dumps(body, separators=(",", ":")).encode()
+        length = (b"content-length", str(len(content)).encode())
+        start = {"type": "http.response.start", "status": status}
+        await self.send({**start, "headers": [_JSON, length, *headers]})
+        await self.send({"type": "http.response.body", "body": content})

@@ -131,8 +131,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import os
-
     from safeserve.errors import PolicyError
 
     try:

@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     from safeserve.baseline_cli import add_baseline_parser
 
     add_baseline_parser(commands)
+    from safeserve.skew_cli import add_skew_parser
+
+    add_skew_parser(commands)
     serve = commands.add_parser(
         "serve",
         help="serve every policy's model over HTTP (FastAPI + uvicorn)",

@@ -24,6 +24,9 @@ import safeserve as ss
 
 POLICY = "fraud"
 LOG_NAME = "decisions.jsonl"
+BASELINE_NAME = "baseline.json"
+REPORT_NAME = "skew.html"
+TRAINING_ROWS = 5000
 DEFAULT_OUT = "safeserve-demo-out"
 TIMEOUT_S = 0.1  # the whole call's budget; a slow call sleeps SLOW_S and is abandoned
 SLOW_S = 0.25
@@ -153,6 +156,23 @@ class Traffic:
             "card_number": f"4242-4242-4242-{int(rng.integers(10_000)):04d}",
         }
 
+    def drifted(self) -> dict[str, Any]:
+        """A transaction from a new market: larger amounts, mostly foreign, more at night."""
+        x = self._fresh()
+        x["amount"] = round(x["amount"] * 3, 2)
+        x["country"] = str(self.rng.choice(("US", "BR", "TH", "AE", "FR")))
+        x["hour"] = int(self.rng.choice((0, 1, 2, 3, 22, 23, 12)))
+        return x
+
+    def training_rows(self, n: int) -> list[dict[str, Any]]:
+        """What the model was trained on (card numbers left out: never profiled)."""
+        rows = []
+        for _ in range(n):
+            row = self._fresh()
+            del row["card_number"]
+            rows.append(row)
+        return rows
+
     def transaction(self) -> dict[str, Any]:
         """A valid transaction: a repeat with probability REPEAT_RATE, else a new one."""
         if self.seen and self.rng.random() < REPEAT_RATE:
@@ -189,6 +209,7 @@ class Phase:
     malformed: float = 0.0
     host_down: bool = False
     drill: bool = False
+    drift: bool = False
 
     def pick(self, u: float) -> Fault:
         """The fault for a call, given a uniform draw `u`."""
@@ -225,11 +246,19 @@ PHASES = (
         200,
         f"host back; the breaker half-opens after {OPEN_S} s and closes after 3 good probes",
     ),
+    Phase(
+        "drift",
+        200,
+        "a new market: amounts x3, mostly foreign, at night (the skew report finds it)",
+        drift=True,
+    ),
     Phase("drill", 50, 'calls inside ss.force_degradation(reason="timeout")', drill=True),
 )
 
 
-def build_policy(faults: Faults, clock: SimClock, log_path: Path) -> ss.Policy:
+def build_policy(
+    faults: Faults, clock: SimClock, log_path: Path, baseline: ss.Baseline
+) -> ss.Policy:
     """The demo's policy: every stage of a guard configured, fallbacks from best to last resort."""
     rules = [
         ss.Rule(when={"amount": {"gt": 2000}}, then={"label": "review"}),
@@ -239,8 +268,10 @@ def build_policy(faults: Faults, clock: SimClock, log_path: Path) -> ss.Policy:
         ss.Rule(when={"amount": {"le": 50}}, then={"label": "approve"}),
     ]
     # `schema` is an alias, which pydantic's mypy plugin does not accept here (yet)
+    # the schema, then checks from the training baseline (range +25 %, unseen category, null);
+    # the baseline's bins also hold the guard's online profile of what it serves
     validation = ss.ValidationConfig(  # type: ignore[call-arg, unused-ignore]
-        schema=Txn, on_invalid="fallback"
+        schema=Txn, baseline=baseline, tolerance=0.25, on_invalid="fallback"
     )
     return ss.Policy(
         name=POLICY,
@@ -326,13 +357,17 @@ class Run:
     results: list[PhaseResult] = field(default_factory=list)
     records: Counter[str] = field(default_factory=Counter)
     bad_lines: int = 0
+    baseline: ss.Baseline | None = None
 
 
 def run_phases(run: Run, on_phase: Callable[[PhaseResult], None]) -> None:
     """Serve every phase's traffic through one guard, calling `on_phase` as each one ends."""
     rng = np.random.default_rng(run.seed)
     traffic, faults, clock = Traffic(rng), Faults(), SimClock()
-    predict = ss.guard(build_policy(faults, clock, run.log_path))(faults.primary)
+    training = Traffic(np.random.default_rng(run.seed + 1)).training_rows(TRAINING_ROWS)
+    run.baseline = ss.Baseline.from_data(training)
+    run.baseline.save(run.log_path.parent / BASELINE_NAME)
+    predict = ss.guard(build_policy(faults, clock, run.log_path, run.baseline))(faults.primary)
     offset = 0
     for phase in PHASES:
         result = PhaseResult(phase.name)
@@ -346,7 +381,10 @@ def run_phases(run: Run, on_phase: Callable[[PhaseResult], None]) -> None:
         with drill:
             for _ in range(phase.calls):
                 malformed = rng.random() < phase.malformed
-                x = traffic.malformed() if malformed else traffic.transaction()
+                if malformed:
+                    x = traffic.malformed()
+                else:
+                    x = traffic.drifted() if phase.drift else traffic.transaction()
                 faults.arm(phase.pick(float(rng.random())))
                 clock.now += TICK_S
                 start = time.perf_counter()
@@ -456,13 +494,30 @@ def _report(run: Run, say: Callable[[str], None]) -> None:
     if run.bad_lines:
         say(f"    warning: {run.bad_lines} log lines were not valid JSON")
     log = shlex.quote(str(run.log_path))
+    baseline = shlex.quote(str(run.log_path.parent / BASELINE_NAME))
+    html = run.log_path.parent / REPORT_NAME
+    say("\nskew report of this run's log against the training baseline")
+    _skew_report(run, html, say)
     say("\nnext")
     say(f"  head -n 3 {log} | python -m json.tool --json-lines   # read a few records")
-    say(f"  grep -c breaker_open {log}   # how many records mention a reason")
-    say(
-        "  not in this version yet: `safeserve baseline` and `safeserve skew "
-        f"{log} --baseline baseline.json` (drift and degradation report)"
-    )
+    say(f"  safeserve skew {log} --baseline {baseline} --fail-on major   # the report as a gate")
+    say(f"  open {shlex.quote(str(html))}   # the charts")
+
+
+def _skew_report(run: Run, html: Path, say: Callable[[str], None]) -> None:
+    import io
+
+    from safeserve.skew import analyze
+    from safeserve.skew_cli import summarize
+    from safeserve.skew_report import render_html
+
+    assert run.baseline is not None
+    report = analyze([run.log_path], run.baseline)
+    html.write_text(render_html(report, "safeserve demo: skew report"), encoding="utf-8")
+    text = io.StringIO()
+    summarize(report, text, logs=1, paths=(None, html))
+    for line in text.getvalue().splitlines():
+        say(f"  {line}")
 
 
 def prepare_out_dir(out: Path | None) -> tuple[Path, bool]:

@@ -14,11 +14,12 @@ import os
 import queue
 import sys
 import threading
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
+from structlog.typing import Processor
 
 from safeserve.decisions import SCHEMA_VERSION, new_id, now_utc
 
@@ -50,26 +51,6 @@ def _serializer() -> Callable[..., bytes]:
     return orjson_dumps
 
 
-class _LineBuffer:
-    """structlog's wrapped logger: collects rendered lines for one write of whole lines."""
-
-    def __init__(self) -> None:
-        self.lines: list[bytes] = []
-
-    def msg(self, message: bytes) -> None:
-        self.lines.append(message)
-
-
-class _DictCollector:
-    """structlog's wrapped logger for callable sinks: collects the event dicts."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def msg(self, **event: Any) -> None:
-        self.events.append(event)
-
-
 class LogWriter:
     """Writes records to one sink from a background thread, never blocking the caller."""
 
@@ -82,19 +63,13 @@ class LogWriter:
         self._thread: threading.Thread | None = None
         self.synchronous = False
         self._fd: int | None = None
-        if callable(sink):
-            self._collector: _DictCollector | None = _DictCollector()
-            self._buffer: _LineBuffer | None = None
-            self._log = structlog.wrap_logger(
-                self._collector, processors=[_as_kwargs], wrapper_class=structlog.BoundLogger
-            )
-        else:
-            self._collector = None
-            self._buffer = _LineBuffer()
-            renderer = structlog.processors.JSONRenderer(serializer=_serializer())
-            self._log = structlog.wrap_logger(
-                self._buffer, processors=[renderer], wrapper_class=structlog.BoundLogger
-            )
+        # structlog's processor chain, run directly on each record: a bound logger's own
+        # bookkeeping (context copies, method lookup) cost four times the rendering itself.
+        # A callable sink gets the event dict; a file or stdout gets JSON lines.
+        self._processors: list[Processor] = (
+            [] if callable(sink) else [structlog.processors.JSONRenderer(serializer=_serializer())]
+        )
+        self._pending: list[Any] = []
 
     # -- caller side -------------------------------------------------------------------------
     def submit(self, record: Record) -> bool:
@@ -177,22 +152,27 @@ class LogWriter:
             self._reported_drops = self.dropped
         for record in batch:
             try:
-                self._log.msg(**record.to_record())
+                self._pending.append(self._render(record.to_record()))
             except Exception as exc:  # a record that cannot be rendered must not stop the log
-                self._log.msg(**_DropsRecord(1, f"unrenderable: {type(exc).__name__}").to_record())
+                bad = _DropsRecord(1, f"unrenderable: {type(exc).__name__}")
+                self._pending.append(self._render(bad.to_record()))
         try:
             self._emit()
         except OSError as exc:
             print(f"safeserve: cannot write decision log {self.sink}: {exc}", file=sys.stderr)
 
+    def _render(self, event: Any) -> Any:
+        for processor in self._processors:
+            event = processor(None, "msg", event)
+        return event
+
     def _emit(self) -> None:
-        if self._collector is not None:
-            events, self._collector.events = self._collector.events, []
-            for event in events:
+        pending, self._pending = self._pending, []
+        if not self._processors:
+            for event in pending:
                 self.sink(event)  # type: ignore[operator]
             return
-        assert self._buffer is not None
-        lines, self._buffer.lines = self._buffer.lines, []
+        lines: list[bytes] = pending
         if not lines:
             return
         data = b"\n".join(lines) + b"\n"
@@ -214,10 +194,6 @@ class LogWriter:
         self._thread = None
         self._lock = threading.Lock()
         self._queue = queue.Queue(self._queue.maxsize)
-
-
-def _as_kwargs(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> tuple[Any, ...]:
-    return (), event
 
 
 class _DropsRecord:

@@ -213,6 +213,7 @@ def analyze(
     pids: dict[str, int] = {}
     deg = Degradation()
     outcomes: dict[str, Any] = {}
+    model = _ModelHealth(baseline)
     for record in read_records(logs, skipped, progress):
         kind = record["kind"]
         if kind == "outcome":
@@ -238,6 +239,7 @@ def analyze(
             if kind == "decision":
                 degraded = deg.decision(t, pid, record)
                 state.decisions += 1
+                model.add(record)
                 if isinstance(record.get("inputs"), dict):
                     state.add_inputs(record["inputs"], degraded)
             elif kind == "profile":
@@ -276,7 +278,61 @@ def analyze(
         "outcomes": (
             join_outcomes(read_records(logs, Counter()), outcomes, policy) if outcomes else None
         ),
+        "model": model.report(method, thresholds),
     }
+
+
+_PREDICTION_KEYS = ("prediction", "label", "class", "score")
+
+
+class _ModelHealth:
+    """The served answers' confidences (and predictions, when outputs are logged) against the
+    baseline's distributions: the model-health layer above the input features.
+
+    Decision records hold every degraded call but only a sample of healthy ones, so this is a
+    biased view, and the report says so (`source`)."""
+
+    def __init__(self, baseline: Baseline) -> None:
+        self.targets = {
+            key: f
+            for key, f in (("confidence", baseline.confidence), ("prediction", baseline.prediction))
+            if f is not None
+        }
+        self.values: dict[str, list[Any]] = {key: [] for key in self.targets}
+
+    def add(self, record: dict[str, Any]) -> None:
+        if "confidence" in self.values and record.get("confidence") is not None:
+            self.values["confidence"].append(record["confidence"])
+        if "prediction" in self.values and "output" in record:
+            value = _prediction_of(record["output"])
+            if value is not None:
+                self.values["prediction"].append(value)
+
+    def report(self, method: Method, thresholds: Thresholds) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, f in self.targets.items():
+            values = self.values[key]
+            side = _Side(f.slots)
+            if values:
+                column = (
+                    np.asarray(values, dtype=float)
+                    if f.kind == "numeric"
+                    else np.array([str(v) for v in values], dtype=object)
+                )
+                side.add(f, column, len(values))
+            item = evaluate_feature(f, side, "decisions", method=method, thresholds=thresholds)
+            item["name"] = key
+            out[key] = item
+        return out
+
+
+def _prediction_of(output: Any) -> Any:
+    if isinstance(output, dict):
+        for key in _PREDICTION_KEYS:
+            if key in output:
+                return output[key]
+        return None
+    return output if isinstance(output, int | float | str) else None
 
 
 def _serving(name: str, f: FeatureBaseline, policies: dict[str, _Policy]) -> tuple[_Side, str]:

@@ -228,6 +228,13 @@ def summarize(
             for r in diff
         )
         print(f"  differs most between degraded and healthy calls: {text}", file=out)
+    for key, m in (report.get("model") or {}).items():
+        psi = f"{m['psi']:.3f}" if m["psi"] is not None else "-"
+        print(
+            f"model health: served {key} vs training: PSI {psi}, severity {m['severity']} "
+            f"({m['n']} answers from decision records: degraded calls and sampled healthy ones)",
+            file=out,
+        )
     gate = report.get("gate") or {"fail_on": None, "fail_share": None}
     if gate["fail_on"] or gate["fail_share"] is not None:
         verdict = "TRIPPED (exit 1)" if gate["tripped"] else "passed"

@@ -4,6 +4,7 @@ The public API; everything else is private. See SPEC.md and README.md.
 """
 
 from safeserve.baseline import Baseline, BaselineError, FeatureBaseline
+from safeserve.batch import BatchOutcome
 from safeserve.config import load_policies, watch_policies
 from safeserve.decisions import Attempt, Decision, Outcome, Reason
 from safeserve.decorator import AsyncGuarded, Guarded, guard
@@ -34,6 +35,7 @@ __all__ = [
     "Attempt",
     "Baseline",
     "BaselineError",
+    "BatchOutcome",
     "BreakerConfig",
     "ConfidenceConfig",
     "Decision",

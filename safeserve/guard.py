@@ -53,6 +53,7 @@ class Guard(DegradationPath):
         self._reasons: dict[str, int] = {}
         self._counts = {"degraded": 0, "flagged": 0, "failed": 0, "rejected": 0}
         self._counts["dropped_records"] = 0
+        self._counts["healthy_in_batches"] = 0  # healthy batch rows, counted in one step
         self.ok_latency_s = 0.0  # running mean of healthy primary latency, for retry planning
         registry.register(self)
 
@@ -124,6 +125,12 @@ class Guard(DegradationPath):
     def call(self, *args: Any, **kwargs: Any) -> Any:
         """The answer and its `Decision` as an `ss.Outcome` (built for healthy calls too)."""
         return self(*args, _ss_want=True, **kwargs)
+
+    def batch(self, rows: Any, *, feature_names: list[str] | None = None) -> Any:
+        """Many rows at once: an `ss.BatchOutcome` with an answer (or None) per row, in order."""
+        from safeserve.batch import run_batch
+
+        return run_batch(self, rows, feature_names)
 
     def _retry_sync(
         self,
@@ -236,6 +243,7 @@ class Guard(DegradationPath):
             served = dict(self._served)
             reasons = dict(self._reasons)
             counts = dict(self._counts)
+        healthy += counts.pop("healthy_in_batches")
         if healthy:
             served["primary"] = served.get("primary", 0) + healthy
         pool = self._p.pool
@@ -254,8 +262,13 @@ class Guard(DegradationPath):
 
     def calls_total(self) -> int:
         """Calls so far (for the retry budget)."""
-        healthy = int(repr(self._healthy_count)[6:-1])
+        healthy = int(repr(self._healthy_count)[6:-1]) + self._counts["healthy_in_batches"]
         return healthy + self._counts["degraded"] + self._counts["rejected"]
+
+    def add_healthy(self, n: int) -> None:
+        """Count `n` healthy calls at once (the rows of a batch the primary served)."""
+        with self._lock:
+            self._counts["healthy_in_batches"] += n
 
     def decisions(self) -> list[Decision]:
         """The most recent decision records (in-memory ring, oldest first)."""
@@ -363,6 +376,12 @@ class AsyncGuard(Guard):
     async def call(self, *args: Any, **kwargs: Any) -> Any:
         """The answer and its `Decision` as an `ss.Outcome` (built for healthy calls too)."""
         return await self(*args, _ss_want=True, **kwargs)
+
+    async def batch(self, rows: Any, *, feature_names: list[str] | None = None) -> Any:
+        """The async twin of `Guard.batch`."""
+        from safeserve.batch import run_batch_async
+
+        return await run_batch_async(self, rows, feature_names)
 
     async def _retry_async(
         self,

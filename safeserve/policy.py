@@ -253,6 +253,7 @@ class Policy(_Config):
     log: DecisionLogConfig | None = None
     max_concurrent: int | None = Field(default=None, ge=1)
     max_wait_s: float = Field(default=0.0, ge=0)
+    batch: bool = False  # the model takes and returns batches (`predict.batch(rows)`)
     workers: int = Field(default=8, ge=1)
     max_abandoned: int = Field(default=64, ge=0)
 

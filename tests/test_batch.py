@@ -1,0 +1,449 @@
+"""Batches (SPEC 8): every input form, per-row degradation, poison-row bisection, records."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import tracemalloc
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import safeserve as ss
+from safeserve.batch import BatchOutcome
+
+NAMES = ["a", "b"]
+RNG = np.random.default_rng(3)
+TRAIN = {"a": RNG.uniform(0.0, 1.0, 500).tolist(), "b": RNG.uniform(0.0, 10.0, 500).tolist()}
+POISON_B = 5.0  # the model raises on any batch holding such a row
+NAN_B = 3.0  # the model answers NaN for such a row
+FALLBACK = [0.5, 0.5]
+
+# one row of each kind; "low": confidence max(a, 1-a) = 0.55 < 0.7
+KINDS: dict[str, list[float]] = {
+    "valid": [0.9, 1.0],
+    "invalid": [7.0, 1.0],
+    "nan": [0.9, NAN_B],
+    "low": [0.55, 1.0],
+    "poison": [0.9, POISON_B],
+}
+EXPECTED_REASON = {
+    "invalid": "invalid_input",
+    "nan": "invalid_output",
+    "low": "low_confidence",
+    "poison": "error",
+}
+
+
+@pytest.fixture(scope="module")
+def baseline() -> ss.Baseline:
+    return ss.Baseline.from_data(TRAIN)
+
+
+@pytest.fixture(autouse=True)
+def _testing() -> Any:
+    with ss.testing():
+        yield
+
+
+def matrix(batch: Any) -> np.ndarray:
+    """Any input form as a rows x features float matrix (what a real batch model does)."""
+    if isinstance(batch, np.ndarray):
+        return batch
+    if hasattr(batch, "to_numpy"):
+        return np.asarray(batch[NAMES].to_numpy(), dtype=float)
+    if isinstance(batch, dict):
+        return np.column_stack([np.asarray(batch[n], dtype=float) for n in NAMES])
+    return np.array([[r[n] for n in NAMES] for r in batch], dtype=float).reshape(-1, 2)
+
+
+class Model:
+    """A batch model: class probabilities per row; raises on poison rows; counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def __call__(self, batch: Any) -> np.ndarray:
+        x = matrix(batch)
+        self.calls.append(len(x))
+        if (x[:, 1] == POISON_B).any():
+            raise ValueError("poison row in the batch")
+        p = np.clip(x[:, 0], 0.0, 1.0)
+        out = np.stack([p, 1.0 - p], axis=1)
+        out[x[:, 1] == NAN_B] = np.nan
+        return out
+
+
+def batch_guard(
+    baseline: ss.Baseline | None, model: Any, fallbacks: bool = True, **fields: Any
+) -> Any:
+    validation = ss.ValidationConfig(baseline=baseline) if baseline is not None else None
+    return ss.guard(
+        name=f"batch-{time.monotonic_ns()}",
+        batch=True,
+        validation=validation,
+        confidence=ss.ConfidenceConfig(threshold=0.7),
+        fallbacks=[ss.Fallback.static("default", FALLBACK)] if fallbacks else [],
+        **fields,
+    )(model)
+
+
+def in_form(rows: list[list[float]], form: str) -> tuple[Any, list[str] | None]:
+    """The same rows as a list of dicts, an array, a dict of columns or a DataFrame."""
+    arr = np.array(rows, dtype=float).reshape(-1, 2)
+    if form == "records":
+        return [dict(zip(NAMES, r, strict=True)) for r in rows], None
+    if form == "array":
+        return arr, NAMES
+    if form == "columns":
+        return {"a": arr[:, 0], "b": arr[:, 1].tolist()}, None
+    pd = pytest.importorskip("pandas")
+    return pd.DataFrame(arr, columns=NAMES), None
+
+
+FORMS = ["records", "array", "columns", "frame"]
+
+
+def call_batch(predict: Any, rows: list[list[float]], form: str) -> Any:
+    """`predict.batch` on the rows in the given form."""
+    data, names = in_form(rows, form)
+    return predict.batch(data, feature_names=names)
+
+
+def check_records_match(out: BatchOutcome) -> None:
+    """One decision per degraded row, with its row index and the batch id."""
+    degraded_rows = {i for i, d in enumerate(out.degraded.tolist()) if d}
+    recorded = [d.row for d in out.decisions if d.degraded]
+    assert sorted(recorded) == sorted(degraded_rows)
+    assert all(d.batch_id == out.batch_id for d in out.decisions)
+    for d in out.decisions:
+        assert d.served_by == out.served_by[d.row]
+
+
+class TestMixedBatches:
+    """Valid rows are served by one primary call; each bad row falls back on its own."""
+
+    @pytest.mark.parametrize("form", FORMS)
+    def test_each_kind_of_bad_row_falls_back_alone(self, baseline: ss.Baseline, form: str) -> None:
+        kinds = ["valid", "invalid", "nan", "valid", "low", "poison", "valid"]
+        model = Model()
+        predict = batch_guard(baseline, model)
+        data, names = in_form([KINDS[k] for k in kinds], form)
+        out = predict.batch(data, feature_names=names)
+        assert isinstance(out, BatchOutcome)
+        assert len(out) == len(kinds)
+        for i, kind in enumerate(kinds):
+            if kind == "valid":
+                assert out.served_by[i] == "primary"
+                assert out.values[i] == pytest.approx([0.9, 0.1])
+                assert not out.degraded[i]
+            else:
+                assert out.served_by[i] == "default"
+                assert out.values[i] == FALLBACK
+                assert out.degraded[i]
+        assert out.degraded.dtype == bool
+        check_records_match(out)
+        codes = {d.row: d.reasons[0].code for d in out.decisions}
+        assert codes == {i: EXPECTED_REASON[k] for i, k in enumerate(kinds) if k != "valid"}
+        assert model.calls[0] == 6  # every valid-input row in one call, the invalid one not
+
+    def test_stats_count_every_row_once(self, baseline: ss.Baseline) -> None:
+        kinds = ["valid", "invalid", "nan", "low", "poison", "valid"]
+        predict = batch_guard(baseline, Model())
+        call_batch(predict, [KINDS[k] for k in kinds], "array")
+        stats = predict.stats()
+        assert stats["calls"] == 6
+        assert stats["served_by"] == {"primary": 2, "default": 4}
+        assert stats["reasons"] == {
+            "invalid_input": 1,
+            "invalid_output": 1,
+            "low_confidence": 1,
+            "error": 1,
+        }
+
+    def test_the_records_reach_the_ring_and_the_log(self, baseline: ss.Baseline) -> None:
+        lines: list[dict[str, Any]] = []
+        predict = batch_guard(baseline, Model(), log=ss.DecisionLogConfig(sink=lines.append))
+        out = call_batch(predict, [KINDS["valid"], KINDS["invalid"]], "array")
+        ss.flush_logs()
+        assert [(d.row, d.batch_id) for d in predict.decisions()] == [(1, out.batch_id)]
+        decisions = [r for r in lines if r.get("kind") == "decision"]
+        assert [(r["row"], r["batch_id"]) for r in decisions] == [(1, out.batch_id)]
+
+    def test_profile_counts_every_row(self, baseline: ss.Baseline) -> None:
+        predict = batch_guard(baseline, Model())
+        call_batch(predict, [KINDS["valid"]] * 5 + [KINDS["invalid"]], "array")
+        profile = predict.profile()
+        assert profile is not None
+        assert profile["n"] == 6
+        assert sum(profile["features"]["a"]["counts"]) == 6
+        assert profile["features"]["a"]["out_of_range"] == 1
+
+
+class TestPlainGuards:
+    """A guard on a one-row function is called row by row, with the same outcome shape."""
+
+    @pytest.mark.parametrize("form", FORMS)
+    def test_rows_are_served_one_at_a_time(self, baseline: ss.Baseline, form: str) -> None:
+        predict = ss.guard(
+            name=f"plain-{time.monotonic_ns()}",
+            validation=ss.ValidationConfig(baseline=baseline),
+            fallbacks=[ss.Fallback.static("default", -1.0)],
+        )(lambda x: x["a"] * 2)
+        data, names = in_form([KINDS["valid"], KINDS["invalid"], [0.25, 2.0]], form)
+        out = predict.batch(data, feature_names=names)
+        assert out.values == pytest.approx([1.8, -1.0, 0.5])
+        assert out.served_by == ["primary", "default", "primary"]
+        check_records_match(out)
+        assert predict.stats()["calls"] == 3
+
+    def test_a_row_nothing_serves_is_none_with_its_record(self) -> None:
+        def model(x: dict[str, Any]) -> float:
+            if x["a"] < 0:
+                raise ValueError("negative")
+            return float(x["a"])
+
+        predict = ss.guard(name=f"plain-{time.monotonic_ns()}")(model)
+        out = predict.batch([{"a": 1.0}, {"a": -1.0}])
+        assert out.values == [1.0, None]
+        assert out.served_by == ["primary", None]
+        check_records_match(out)
+
+    def test_async_plain_guard(self) -> None:
+        async def model(x: dict[str, Any]) -> float:
+            return float(x["a"]) + 1
+
+        predict = ss.guard(name=f"plain-{time.monotonic_ns()}")(model)
+        out = asyncio.run(predict.batch([{"a": 1.0}, {"a": 2.0}]))
+        assert out.values == [2.0, 3.0]
+
+
+class TestPrimaryFailures:
+    """Retries, bisection to the poison rows, the breaker, the time budget."""
+
+    @pytest.mark.parametrize(("n", "poison"), [(64, [5]), (64, [0, 63]), (100, [3, 50, 51, 97])])
+    def test_bisection_finds_the_poison_rows_in_k_log_n_calls(
+        self, n: int, poison: list[int]
+    ) -> None:
+        rows = [[0.9, 1.0]] * n
+        for i in poison:
+            rows[i] = [0.9, POISON_B]
+        model = Model()
+        out = call_batch(batch_guard(None, model), rows, "array")
+        assert [i for i in range(n) if out.degraded[i]] == poison
+        assert {d.row for d in out.decisions} == set(poison)
+        assert all(d.reasons[0].code == "error" for d in out.decisions)
+        assert len(model.calls) <= 1 + 2 * len(poison) * math.ceil(math.log2(n))
+        assert sum(out.served_by[i] == "primary" for i in range(n)) == n - len(poison)
+
+    def test_a_transient_error_is_retried_on_the_whole_batch(self) -> None:
+        model = Model()
+        failures = iter([ConnectionError("blip")])
+
+        def flaky(batch: Any) -> np.ndarray:
+            for exc in failures:
+                raise exc
+            return model(batch)
+
+        retry = ss.RetryConfig(attempts=3, retry_on=[ConnectionError])
+        predict = batch_guard(None, flaky, retry=retry)
+        out = call_batch(predict, [KINDS["valid"]] * 10, "array")
+        assert out.served_by == ["primary"] * 10
+        assert model.calls == [10]
+
+    def test_an_open_breaker_sends_every_row_to_the_fallbacks(self) -> None:
+        model = Model()
+        predict = batch_guard(None, model)
+        predict.force_open()
+        out = call_batch(predict, [KINDS["valid"]] * 3, "records")
+        assert out.served_by == ["default"] * 3
+        assert {d.reasons[0].code for d in out.decisions} == {"breaker_open"}
+        assert model.calls == []
+
+    def test_one_breaker_outcome_per_primary_call(self) -> None:
+        model = Model()
+        predict = batch_guard(None, model)
+        call_batch(predict, [KINDS["valid"]] * 7 + [KINDS["poison"]], "array")
+        figures = predict.breaker.figures()
+        assert figures["calls"] == len(model.calls)
+        assert figures["failures"] == sum(1 for _ in model.calls) - 3  # three halves succeeded
+
+    def test_a_wrong_number_of_answers_is_invalid_output_for_every_row(self) -> None:
+        predict = batch_guard(None, lambda batch: [[0.9, 0.1]])
+        out = call_batch(predict, [KINDS["valid"]] * 3, "array")
+        assert out.served_by == ["default"] * 3
+        assert {d.reasons[0].code for d in out.decisions} == {"invalid_output"}
+
+    def test_without_fallbacks_a_failed_row_is_none(self) -> None:
+        predict = batch_guard(None, Model(), fallbacks=False)
+        out = call_batch(predict, [KINDS["valid"], KINDS["poison"]], "array")
+        assert out.values[1] is None
+        assert out.served_by == ["primary", None]
+        assert predict.stats()["failed"] == 1
+
+    def test_a_model_fallback_of_a_batch_guard_takes_a_batch(self) -> None:
+        seen: list[Any] = []
+
+        def v2(batch: Any) -> np.ndarray:
+            seen.append(batch)
+            return np.array([[0.8, 0.2]] * len(batch))
+
+        predict = ss.guard(
+            name=f"batch-{time.monotonic_ns()}",
+            batch=True,
+            fallbacks=[ss.Fallback.model("v2", v2)],
+        )(Model())
+        out = call_batch(predict, [KINDS["valid"], KINDS["poison"]], "array")
+        assert out.served_by == ["primary", "v2"]
+        assert out.values[1] == [0.8, 0.2]
+        assert seen[0].shape == (1, 2)
+
+
+class TestInvalidInputModes:
+    """`on_invalid` applies per row: reject gives None, flag serves and records."""
+
+    def test_reject(self, baseline: ss.Baseline) -> None:
+        predict = ss.guard(
+            name=f"batch-{time.monotonic_ns()}",
+            batch=True,
+            validation=ss.ValidationConfig(baseline=baseline, on_invalid="reject"),
+            fallbacks=[ss.Fallback.static("default", FALLBACK)],
+        )(Model())
+        out = call_batch(predict, [KINDS["valid"], KINDS["invalid"]], "records")
+        assert out.served_by == ["primary", None]
+        assert out.values[1] is None
+        assert [r.code for r in out.decisions[0].reasons] == ["invalid_input", "rejected"]
+        assert predict.stats()["rejected"] == 1
+
+    def test_flag(self, baseline: ss.Baseline) -> None:
+        predict = ss.guard(
+            name=f"batch-{time.monotonic_ns()}",
+            batch=True,
+            validation=ss.ValidationConfig(baseline=baseline, on_invalid="flag"),
+        )(Model())
+        out = call_batch(predict, [KINDS["valid"], [0.95, 20.0]], "records")
+        assert out.served_by == ["primary", "primary"]
+        assert not out.degraded.any()
+        (decision,) = out.decisions
+        assert (decision.row, decision.flagged) == (1, True)
+        assert predict.stats()["flagged"] == 1
+
+
+def test_a_schema_is_checked_per_row_and_the_primary_gets_validated_rows() -> None:
+    """With a pydantic schema, each row is validated; the batch holds the coerced rows."""
+    from pydantic import BaseModel
+
+    class Row(BaseModel):
+        a: float
+        b: float
+
+    seen: list[Any] = []
+
+    def model(batch: list[dict[str, Any]]) -> list[float]:
+        seen.extend(batch)
+        return [r["a"] for r in batch]
+
+    predict = ss.guard(
+        name=f"batch-{time.monotonic_ns()}",
+        batch=True,
+        validation=ss.ValidationConfig(schema=Row),
+        fallbacks=[ss.Fallback.static("default", -1.0)],
+    )(model)
+    out = predict.batch([{"a": "0.5", "b": 1}, {"a": "nope", "b": 1}, {"a": 2, "b": 3}])
+    assert out.values == [0.5, -1.0, 2.0]
+    assert seen == [{"a": 0.5, "b": 1.0}, {"a": 2.0, "b": 3.0}]
+    (decision,) = out.decisions
+    assert (decision.row, decision.reasons[0].code) == (1, "invalid_input")
+
+
+class TestInputForms:
+    """Forms that cannot be read fail loudly, naming what is expected."""
+
+    def test_array_without_names(self) -> None:
+        with pytest.raises(TypeError, match="feature_names"):
+            batch_guard(None, Model()).batch(np.zeros((2, 2)))
+
+    def test_not_a_batch(self) -> None:
+        with pytest.raises(TypeError, match="a list of dicts"):
+            batch_guard(None, Model()).batch("rows")
+
+    def test_empty_batch(self) -> None:
+        out = batch_guard(None, Model()).batch([])
+        assert (out.values, out.served_by, len(out.degraded)) == ([], [], 0)
+
+    def test_async_batch_guard(self, baseline: ss.Baseline) -> None:
+        model = Model()
+
+        async def predict_batch(batch: Any) -> np.ndarray:
+            return model(batch)
+
+        predict = batch_guard(baseline, predict_batch)
+        kinds = ["valid", "invalid", "poison", "valid"]
+        out = asyncio.run(call_batch(predict, [KINDS[k] for k in kinds], "array"))
+        assert out.served_by == ["primary", "default", "default", "primary"]
+        check_records_match(out)
+
+
+ROW_KINDS = st.sampled_from(sorted(KINDS))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kinds=st.lists(ROW_KINDS, max_size=40),
+    form=st.sampled_from(["records", "array", "columns"]),
+    with_fallback=st.booleans(),
+)
+def test_every_row_gets_one_answer_or_none_with_a_record(
+    kinds: list[str], form: str, with_fallback: bool
+) -> None:
+    """Property: an answer per row, None only when nothing served, a record per degraded row."""
+    baseline = ss.Baseline.from_data(TRAIN)
+    with ss.testing():
+        predict = batch_guard(baseline, Model(), fallbacks=with_fallback)
+        out = call_batch(predict, [KINDS[k] for k in kinds], form)
+    assert len(out.values) == len(out.served_by) == len(out.degraded) == len(kinds)
+    for i, kind in enumerate(kinds):
+        if kind == "valid":
+            assert (out.served_by[i], bool(out.degraded[i])) == ("primary", False)
+        elif with_fallback:
+            assert (out.served_by[i], out.values[i]) == ("default", FALLBACK)
+        else:
+            assert (out.served_by[i], out.values[i]) == (None, None)
+    check_records_match(out)
+    assert {d.row: d.reasons[0].code for d in out.decisions} == {
+        i: EXPECTED_REASON[k] for i, k in enumerate(kinds) if k != "valid"
+    }
+    assert predict.stats()["calls"] == len(kinds)
+
+
+def test_a_million_rows_fit_in_a_few_copies_of_the_input(baseline: ss.Baseline) -> None:
+    """1M rows x 20 features through a batch guard: peak traced memory under 3x the input."""
+    n = 1_000_000
+    x = RNG.uniform(1.0, 9.0, (n, 20))
+    x[:, 0] /= 10.0  # "a" within its training range
+    names = [*NAMES, *(f"f{j}" for j in range(2, 20))]
+    x[123_456, 0] = 99.0  # one invalid row
+
+    def model(batch: np.ndarray) -> np.ndarray:
+        return batch[:, 0] * 0.5 + 0.25
+
+    predict = ss.guard(
+        name=f"batch-{time.monotonic_ns()}",
+        batch=True,
+        validation=ss.ValidationConfig(baseline=baseline, profile=False),
+        fallbacks=[ss.Fallback.static("default", 0.0)],
+    )(model)
+    tracemalloc.start()
+    try:
+        out = predict.batch(x, feature_names=names)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(out.values) == n
+    assert out.served_by[123_456] == "default"
+    assert int(out.degraded.sum()) == 1
+    assert peak < 3 * x.nbytes, f"peak {peak / 1e6:.0f} MB for a {x.nbytes / 1e6:.0f} MB input"

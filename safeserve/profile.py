@@ -76,7 +76,7 @@ class Profiler:
             for j, name in enumerate(self._numeric):
                 self._add(name, matrix[:, j])
         for name in self._other:
-            column = np.array([_category(_get(r, name)) for r in rows], dtype=object)
+            column = np.array([category_or_null(_get(r, name)) for r in rows], dtype=object)
             self._add(name, column)
 
     def _add(self, name: str, values: np.ndarray) -> None:
@@ -160,11 +160,11 @@ def _get(row: Any, name: str) -> Any:
     return getattr(row, name, None)
 
 
-def _category(value: Any) -> Any:
+def category_or_null(value: Any) -> Any:
     return None if value is None else category_key(value)
 
 
-def _number(value: Any) -> float:
+def number_or_nan(value: Any) -> float:
     if value is None or isinstance(value, bool) or not isinstance(value, int | float):
         return float("nan")  # a null; a non-number cannot be placed in numeric bins either
     return float(value)
@@ -183,9 +183,9 @@ def _numeric_matrix(rows: list[Any], names: list[str]) -> np.ndarray:
             return matrix.reshape(len(rows), len(names))
         except (KeyError, AttributeError, TypeError, ValueError):
             pass  # a missing key, a None or a string somewhere: the careful way
-    return np.array([[_number(_get(r, n)) for n in names] for r in rows], dtype=float).reshape(
-        len(rows), len(names)
-    )
+    return np.array(
+        [[number_or_nan(_get(r, n)) for n in names] for r in rows], dtype=float
+    ).reshape(len(rows), len(names))
 
 
 _profilers: weakref.WeakSet[Profiler] = weakref.WeakSet()

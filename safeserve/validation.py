@@ -109,7 +109,7 @@ class BaselineChecks:
             # the common case in two comparisons; NaN, None and strays fall through
             if (t is float or t is int) and lo <= v <= hi:
                 continue
-            problem = _numeric_problem(v, lo, hi, allow_null)
+            problem = numeric_problem(v, lo, hi, allow_null)
             if problem is not None:
                 problems.append(Problem(name, problem))
         for name, known, allow_null in self.categorical:
@@ -122,7 +122,7 @@ class BaselineChecks:
         return problems
 
 
-def _numeric_problem(v: Any, lo: float, hi: float, allow_null: bool) -> str | None:
+def numeric_problem(v: Any, lo: float, hi: float, allow_null: bool) -> str | None:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return None if allow_null else "null, never null in training"
     if isinstance(v, bool) or not isinstance(v, int | float):

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 import safeserve as ss
-from safeserve.batch import Rows, failing_rows
+from safeserve.batch_rows import Rows, failing_rows
 from safeserve.validation import BaselineChecks
 
 FEATURES = 20

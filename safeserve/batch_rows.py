@@ -180,26 +180,47 @@ def failing_rows(checks: BaselineChecks, rows: Rows) -> np.ndarray:
     return bad
 
 
-_CHUNK = 16384  # rows per pass: the bool temporaries stay in cache
+_BLOCK = 4096  # rows per pass: the block, its bounds and the bool buffers stay in L2
 
 
 def _out_of_range(data: np.ndarray, cols: list[int], checks: list[Any]) -> np.ndarray:
-    """Rows of a numeric matrix with a value outside its range (or a null where none is allowed),
-    a chunk of rows at a time; NaN compares False, so it fails unless the feature allows nulls."""
-    lo = np.array([c[1] for c in checks])
-    hi = np.array([c[2] for c in checks])
+    """Rows of a numeric matrix with a value outside its range (or a null where none is allowed).
+
+    A block of rows at a time, flattened, against the bounds tiled to the block's length: two
+    contiguous comparisons per block, with no per-row broadcasting loop (which cost twice as
+    much). NaN compares False, so it fails unless the feature allows nulls.
+    """
+    lo = np.array([c[1] for c in checks], dtype=float)
+    hi = np.array([c[2] for c in checks], dtype=float)
     nullable = [j for j, c in enumerate(checks) if c[3]] if data.dtype.kind == "f" else []
-    whole = cols == list(range(data.shape[1]))
+    n = len(data)
+    bad = np.zeros(n, dtype=bool)
+    if not n:
+        return bad
+    if data.flags.f_contiguous and not data.flags.c_contiguous:  # columns are contiguous
+        for j, col in enumerate(cols):
+            bad |= _numeric_fails(data[:, col], lo[j], hi[j], j in nullable)
+        return bad
+    whole = cols == list(range(data.shape[1])) and data.flags.c_contiguous
     width = len(cols)
-    bad = np.zeros(len(data), dtype=bool)
-    for start in range(0, len(data), _CHUNK):
-        chunk = data[start : start + _CHUNK]
-        m = chunk if whole else chunk[:, cols]
-        ok = m >= lo
-        ok &= m <= hi
+    block = min(_BLOCK, n)
+    low, high = np.tile(lo, block), np.tile(hi, block)
+    ok = np.empty(block * width, dtype=bool)
+    spare = np.empty(block * width, dtype=bool)
+    for start in range(0, n, block):
+        rows = data[start : start + block]
+        k = len(rows)
+        m = rows.reshape(-1) if whole else np.ascontiguousarray(rows[:, cols]).reshape(-1)
+        size = k * width
+        inside, outside = ok[:size], spare[:size]
+        np.greater_equal(m, low[:size], out=inside)
+        np.less_equal(m, high[:size], out=outside)
+        np.logical_and(inside, outside, out=inside)
         if nullable:
-            ok[:, nullable] |= np.isnan(m[:, nullable])
-        failed = np.flatnonzero(~ok.ravel())
+            grid = inside.reshape(k, width)
+            grid[:, nullable] |= np.isnan(m.reshape(k, width)[:, nullable])
+        np.logical_not(inside, out=outside)
+        failed = np.flatnonzero(outside)
         if len(failed):
             bad[start + failed // width] = True
     return bad

@@ -7,6 +7,7 @@ import math
 import time
 import tracemalloc
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -14,7 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import safeserve as ss
+from safeserve import batch_rows
 from safeserve.batch import BatchOutcome
+from safeserve.validation import BaselineChecks
 
 NAMES = ["a", "b"]
 RNG = np.random.default_rng(3)
@@ -447,3 +450,65 @@ def test_a_million_rows_fit_in_a_few_copies_of_the_input(baseline: ss.Baseline) 
     assert out.served_by[123_456] == "default"
     assert int(out.degraded.sum()) == 1
     assert peak < 3 * x.nbytes, f"peak {peak / 1e6:.0f} MB for a {x.nbytes / 1e6:.0f} MB input"
+
+
+CHECKED: dict[str, list[float | None]] = {
+    "a": [0.0, 0.5, 1.0, 0.25],
+    "b": [None, -2.0, 2.0, 1.0],  # nulls allowed
+    "c": [-5.0, 5.0, 0.0, 1.0],
+}
+CELLS = [0.0, 0.5, 1.0, -0.1, 1.5, -2.0, 2.0, 5.0, -5.0, 6.0, math.nan, math.inf, -math.inf]
+
+
+class TestVectorizedChecks:
+    """The vectorized mask finds exactly the rows the per-row baseline checks reject."""
+
+    @settings(max_examples=80, deadline=None)
+    @given(
+        data=st.data(),
+        names=st.permutations(["a", "b", "c", "z"]).flatmap(
+            lambda p: st.integers(1, 4).map(lambda k: p[:k])
+        ),
+        order=st.sampled_from(["C", "F", "strided"]),
+        block=st.sampled_from([1, 3, 4096]),
+    )
+    def test_same_rows_as_the_per_row_checks(
+        self, data: st.DataObject, names: list[str], order: str, block: int
+    ) -> None:
+        n = data.draw(st.integers(0, 12))
+        cells = data.draw(st.lists(st.sampled_from(CELLS), min_size=n * len(names)))
+        x = np.array(cells[: n * len(names)], dtype=float).reshape(n, len(names))
+        if order == "F":
+            x = np.asfortranarray(x)
+        elif order == "strided":
+            x = np.repeat(x, 2, axis=1)[:, ::2]
+        checks = BaselineChecks(ss.Baseline.from_data(CHECKED), 0.0, frozenset())
+        with mock.patch.object(batch_rows, "_BLOCK", block):
+            mask = batch_rows.failing_rows(checks, batch_rows.Rows(x, names))
+        per_row = [bool(checks(dict(zip(names, r, strict=True)))) for r in x.tolist()]
+        assert mask.tolist() == per_row
+
+    def test_integer_matrix(self) -> None:
+        checks = BaselineChecks(ss.Baseline.from_data(CHECKED), 0.0, frozenset())
+        x = np.array([[0, 1, 5], [2, 0, 0], [1, -3, -5], [1, 2, 6]], dtype=np.int64)
+        mask = batch_rows.failing_rows(checks, batch_rows.Rows(x, ["a", "b", "c"]))
+        assert mask.tolist() == [False, True, True, True]
+
+    def test_problems_of_invalid_rows_are_the_per_row_ones(self, baseline: ss.Baseline) -> None:
+        """Only flagged rows get detailed problems, and they read as a single call's would."""
+        predict = batch_guard(baseline, Model())
+        single = ss.guard(
+            name=f"single-{time.monotonic_ns()}",
+            validation=ss.ValidationConfig(baseline=baseline),
+            fallbacks=[ss.Fallback.static("default", FALLBACK)],
+        )(lambda x: [0.9, 0.1])
+        rows = [[0.9, 1.0], [7.0, 1.0], [math.nan, 20.0], [0.9, -1.0]]
+        out = call_batch(predict, rows, "array")
+        details = {d.row: d.reasons[0].detail for d in out.decisions}
+        assert sorted(details) == [1, 2, 3]
+        for i, row in enumerate(rows):
+            one = single.call(dict(zip(NAMES, row, strict=True)))
+            if one.decision.degraded:
+                assert details[i] == one.decision.reasons[0].detail
+            else:
+                assert i not in details

@@ -97,7 +97,7 @@ class Breaker:
             if config.window == "count"
             else TimeWindow(config.window_size)
         )
-        self._slow_s = config.slow_call_s
+        self._slow_s = config.slow_call_s if config.slow_call_s is not None else float("inf")
         self._ignore = tuple(config.ignore_on)
         self._record_on = tuple(config.record_on)
         self._epoch = 1

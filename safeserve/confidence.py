@@ -153,15 +153,17 @@ def _locate(value: dict[Any, Any], depth: int) -> str:
 
 
 class OutputCheck:
-    """Non-finite numbers anywhere in the answer, and the output schema if one is given."""
+    """Non-finite numbers anywhere in the answer (unless `finite` is False), and the output
+    schema if one is given."""
 
-    __slots__ = ("schema",)
+    __slots__ = ("finite", "schema")
 
-    def __init__(self, schema: type[BaseModel] | None) -> None:
+    def __init__(self, schema: type[BaseModel] | None, finite: bool = True) -> None:
         self.schema = schema
+        self.finite = finite
 
     def __call__(self, answer: Any) -> RawReason | None:
-        where = first_non_finite(answer)
+        where = first_non_finite(answer) if self.finite else None
         if where is not None:
             return RawReason(code="invalid_output", stage="output", detail=f"non-finite at {where}")
         if self.schema is not None:

@@ -249,10 +249,14 @@ def describe(policy: Policy) -> str:
         name = f"{getattr(model, '__module__', '?')}:{qualname}"
     chain = " -> ".join(f"{f.name} ({f.kind})" for f in policy.fallbacks) or "none"
     b = policy.breaker
+    slow = (
+        f" or {b.slow_call_rate_threshold:.0%} slower than {b.slow_call_s:g}s"
+        if b.slow_call_s is not None
+        else ""
+    )
     breaker = (
         f"{b.window} window {b.window_size}, min {b.min_calls} calls, "
-        f"trips at {b.failure_rate_threshold:.0%} failures or {b.slow_call_rate_threshold:.0%} "
-        f"slower than {b.slow_call_s:g}s, open {b.open_s:g}s"
+        f"trips at {b.failure_rate_threshold:.0%} failures{slow}, open {b.open_s:g}s"
         + (" (metrics only)" if b.mode == "metrics_only" else "")
     )
     timeout = f"{policy.timeout_s:g}s" if policy.timeout_s is not None else "none"

@@ -97,9 +97,11 @@ class Guard(DegradationPath):
         finally:
             if p.inline_slot:
                 p.bulkhead.release()  # type: ignore[union-attr]
-        latency = perf_counter() - t0
         # -- checks, inline: this is the path every healthy call takes
-        if first_non_finite(value) is not None or p.output_schema is not None:
+        # (an untimed call reads the clock only on its way to a record: `latency or ...`)
+        latency = perf_counter() - t0 if p.timed else 0.0
+        if (p.check_finite and first_non_finite(value) is not None) or p.output_schema is not None:
+            latency = latency or perf_counter() - t0
             d = self._bad_output(p, value, args, kwargs, offset, permit, latency, attempts)
             if d is not None:
                 return self._fallback_sync(d, t0, _ss_want, notices)
@@ -118,6 +120,7 @@ class Guard(DegradationPath):
         if p.plain_healthy and notices is None and not _ss_want:
             next(self._healthy_count)
             return value
+        latency = latency or perf_counter() - t0
         return self._healthy(
             p, value, args, kwargs, offset, t0, latency, permit, attempts, _ss_want, notices
         )
@@ -352,8 +355,9 @@ class AsyncGuard(Guard):
         finally:
             if p.bulkhead is not None:
                 p.bulkhead.release()
-        latency = perf_counter() - t0
-        if first_non_finite(value) is not None or p.output_schema is not None:
+        latency = perf_counter() - t0 if p.timed else 0.0
+        if (p.check_finite and first_non_finite(value) is not None) or p.output_schema is not None:
+            latency = latency or perf_counter() - t0
             d = self._bad_output(p, value, args, kwargs, offset, permit, latency, attempts)
             if d is not None:
                 return await self._fallback_async(d, t0, _ss_want, notices)
@@ -369,6 +373,7 @@ class AsyncGuard(Guard):
                 if d.flagged:
                     return self._finish(d, value, "primary", t0, _ss_want, notices)
                 return await self._fallback_async(d, t0, _ss_want, notices)
+        latency = latency or perf_counter() - t0
         return self._healthy(
             p, value, args, kwargs, offset, t0, latency, permit, attempts, _ss_want, notices
         )

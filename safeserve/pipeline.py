@@ -34,6 +34,7 @@ class Pipeline:
         "attempt_timeout",
         "bulkhead",
         "caches",
+        "check_finite",
         "checks",
         "confidence",
         "flag_invalid",
@@ -59,6 +60,7 @@ class Pipeline:
         "schema",
         "slot_release",
         "steps",
+        "timed",
         "timeout_s",
         "validating",
         "writer",
@@ -85,7 +87,8 @@ class Pipeline:
         self.reject_invalid = val is not None and val.on_invalid == "reject"
         self.flag_invalid = val is not None and val.on_invalid == "flag"
         self.output_schema = val.output_schema if val is not None else None
-        self.output_check = OutputCheck(self.output_schema)
+        self.check_finite = policy.check_finite
+        self.output_check = OutputCheck(self.output_schema, policy.check_finite)
         self.confidence = ConfidenceCheck(policy.confidence) if policy.confidence else None
         self.steps: list[FallbackStep] = build_steps(policy.fallbacks, policy.name)
         self.caches = [s for s in self.steps if isinstance(s, CacheStep)]
@@ -136,6 +139,14 @@ class Pipeline:
         self.inline_slot = self.bulkhead is not None and self.pool is None  # freed by the caller
         # a healthy call needs nothing but a count: no cache to fill, no retry stats, no sample
         self.plain_healthy = not self.caches and self.retry is None and not self.sample_rate
+        # a healthy call's latency is read only where something uses it: slow-call detection,
+        # the checks and bookkeeping that record it (the degraded branches time themselves)
+        self.timed = (
+            not self.plain_healthy
+            or policy.breaker.slow_call_s is not None
+            or self.confidence is not None
+            or self.output_schema is not None
+        )
 
     @staticmethod
     def _pool(policy: Policy, is_async: bool, previous: Pipeline | None) -> WorkerPool | None:

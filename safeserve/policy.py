@@ -57,7 +57,7 @@ class BreakerConfig(_Config):
     window_size: int = Field(default=100, ge=1)
     min_calls: int = Field(default=100, ge=1)
     failure_rate_threshold: float = Field(default=0.5, gt=0, le=1)
-    slow_call_s: float = Field(default=60.0, gt=0)
+    slow_call_s: float | None = Field(default=60.0, gt=0)  # None: no slow-call detection
     slow_call_rate_threshold: float = Field(default=1.0, gt=0, le=1)
     open_s: float = Field(default=60.0, gt=0)
     open_backoff: float = Field(default=1.0, ge=1)
@@ -256,6 +256,7 @@ class Policy(_Config):
     batch: bool = False  # the model takes and returns batches (`predict.batch(rows)`)
     workers: int = Field(default=8, ge=1)
     max_abandoned: int = Field(default=64, ge=0)
+    check_finite: bool = True  # False: answers are not searched for NaN or infinity
 
     @field_validator("fallbacks")
     @classmethod

@@ -302,6 +302,34 @@ class TestSlowCalls:
         assert figures["slow_rate"] == 0.0
         assert predict.breaker.state == "closed"
 
+    @pytest.mark.parametrize("is_async", [False, True])
+    def test_no_slow_call_s_means_no_slow_calls(
+        self, model: Model, clock: FakeClock, is_async: bool
+    ) -> None:
+        """`slow_call_s=None` turns slow-call detection off: slow answers are plain successes,
+        failures still trip it, and degraded records still carry a latency."""
+        predict = guarded(
+            model,
+            clock,
+            is_async=is_async,
+            window_size=4,
+            min_calls=4,
+            slow_call_s=None,
+            slow_call_rate_threshold=0.5,
+        )
+        call = predict.call if not is_async else lambda x: asyncio.run(predict.call(x))
+        for _ in range(4):
+            healthy = call({"amount": 1.0, "sleep": 0.01}).decision
+            assert (healthy.served_by, healthy.latency_ms >= 10) == ("primary", True)
+        figures = predict.breaker.figures()
+        assert (figures["calls"], figures["slow"]) == (4, 0)
+        assert predict.breaker.state == "closed"
+        failed = call(FAIL)
+        assert failed.decision.served_by == "static"
+        assert failed.decision.latency_ms > 0
+        call(FAIL)
+        assert predict.breaker.state == "open"
+
 
 class TestFigures:
     """`breaker.figures()` shows timeouts, errors and slow calls apart."""

@@ -5,6 +5,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pydantic import BaseModel
 
 import safeserve as ss
 
@@ -74,6 +75,30 @@ class TestNonFiniteOutputs:
         out = guarded(value).call({"a": 1})
         assert out.decision.served_by == "primary"
         assert out.decision.reasons == []
+
+    @pytest.mark.parametrize("value", NON_FINITE[:3], ids=repr)
+    def test_check_finite_false_serves_non_finite_answers(self, value: Any) -> None:
+        """`check_finite=False` (for answers known to be finite, or too big to search) skips
+        the NaN/infinity search: the primary's answer is served as it is."""
+        predict = guarded(value, check_finite=False)
+        assert predict({"a": 1}) is value
+        out = predict.call({"a": 1})
+        assert (out.decision.served_by, out.decision.reasons) == ("primary", [])
+
+    def test_check_finite_false_still_checks_the_output_schema(self) -> None:
+        """Only the NaN/infinity search is off: an output schema still rejects bad answers."""
+
+        class Answer(BaseModel):
+            label: str
+
+        predict = guarded(
+            {"score": float("nan")},
+            check_finite=False,
+            validation=ss.ValidationConfig(output_schema=Answer),
+        )
+        out = predict.call({"a": 1})
+        assert out.decision.served_by == "static"
+        assert [r.detail for r in out.decision.reasons] == ["schema: label"]
 
 
 class TestConfidenceAuto:

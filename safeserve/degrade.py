@@ -23,6 +23,7 @@ from safeserve.decisions import Outcome, RawAttempt, RawReason, Record, describe
 from safeserve.errors import InputRejected, NoFallbackAvailable, Overloaded
 from safeserve.fallbacks import FallbackStep, NoAnswer
 from safeserve.pipeline import Pipeline
+from safeserve.tracing import SpanAnnotator
 from safeserve.validation import Invalid
 
 _CALL = "call"
@@ -311,6 +312,9 @@ class DegradationPath:
         next(self._healthy_count)
         sampled = bool(p.sample_rate) and random() < p.sample_rate
         if not (sampled or want):
+            if p.tracer is not None:
+                conf = p.confidence.extract(value) if p.confidence is not None else None
+                self._trace_healthy(p.tracer, permit, t0, conf)
             return value
         record = Record(
             self.name,
@@ -326,7 +330,15 @@ class DegradationPath:
             ms(perf_counter() - t0),
         )
         self._emit(p, record, x, value, logged=sampled)
+        if p.tracer is not None:
+            p.tracer.record(record)
         return Outcome(value, record) if want else value
+
+    def _trace_healthy(
+        self, tracer: SpanAnnotator, permit: int, t0: float, confidence: float | None = None
+    ) -> None:
+        """Annotate the current span for a healthy call that builds no record."""
+        tracer.healthy(self.breaker.state_of(permit), ms(perf_counter() - t0), confidence)
 
     def _record(self, d: Degradation, value: Any, served_by: str | None, t0: float) -> Record:
         p = d.p
@@ -347,7 +359,10 @@ class DegradationPath:
             d.state,
             ms(perf_counter() - t0),
         )
-        return self._emit(p, record, d.x, value, logged)
+        self._emit(p, record, d.x, value, logged)
+        if p.tracer is not None:
+            p.tracer.record(record)
+        return record
 
     def _emit(self, p: Pipeline, record: Record, x: Any, value: Any, logged: bool) -> Record:
         if p.include_inputs:

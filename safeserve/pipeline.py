@@ -21,6 +21,7 @@ from safeserve.policy import Policy
 from safeserve.profile import Profiler
 from safeserve.retry import RetryRunner
 from safeserve.timeouts import WorkerPool
+from safeserve.tracing import SpanAnnotator
 from safeserve.validation import BaselineChecks, FreshnessCheck, Invalid, SchemaValidator
 
 _INF = float("inf")
@@ -62,6 +63,7 @@ class Pipeline:
         "steps",
         "timed",
         "timeout_s",
+        "tracer",
         "validating",
         "writer",
     )
@@ -73,6 +75,13 @@ class Pipeline:
         self.policy = policy
         val = policy.validation
         log = policy.log
+        # annotates the current OpenTelemetry span per call; None (and no import) when off.
+        # Built first: a missing `otel` extra fails before any thread or file is opened.
+        self.tracer = (
+            SpanAnnotator(policy.name, policy.owner, policy.model_version)
+            if log is not None and log.trace
+            else None
+        )
         unprofiled = frozenset((log.redact + log.hash) if log else [])
         self.schema = (
             SchemaValidator(val.schema, fn) if val is not None and val.schema is not None else None
@@ -137,8 +146,11 @@ class Pipeline:
         self.profile_add = self.profiler.add if self.profiler is not None else None
         self.inspects_input = self.validating or self.profile_add is not None
         self.inline_slot = self.bulkhead is not None and self.pool is None  # freed by the caller
-        # a healthy call needs nothing but a count: no cache to fill, no retry stats, no sample
-        self.plain_healthy = not self.caches and self.retry is None and not self.sample_rate
+        # a healthy call needs nothing but a count: no cache to fill, no retry stats, no sample,
+        # no span to annotate
+        self.plain_healthy = (
+            not self.caches and self.retry is None and not self.sample_rate and self.tracer is None
+        )
         # a healthy call's latency is read only where something uses it: slow-call detection,
         # the checks and bookkeeping that record it (the degraded branches time themselves)
         self.timed = (

@@ -147,6 +147,8 @@ class DecisionLogConfig(_Config):
     queue_size: int = Field(default=10_000, ge=1)
     open_breaker: Literal["each", "aggregate"] = "each"
     ring_size: int = Field(default=1000, ge=1)
+    # each call annotates the current OpenTelemetry span (the `otel` extra); see tracing.py
+    trace: bool = False
 
 
 class Rule(_Config):

@@ -346,6 +346,8 @@ class _Responder:
             if latency >= breaker.quiet_below:
                 breaker.on_success(self.permit, latency)
         next(guard._healthy_count)
+        if guard._p.tracer is not None:  # OpenTelemetry (`log.trace`): annotate the request span
+            guard._trace_healthy(guard._p.tracer, self.permit, self.t0)
         headers = message.get("headers", ())
         # a new list: a Response object reuses its own header list for every send
         if self.noted:

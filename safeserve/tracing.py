@@ -1,0 +1,94 @@
+"""OpenTelemetry: each guarded call annotates the current span with what its decision says.
+
+Used only when a policy sets `DecisionLogConfig(trace=True)`; `opentelemetry` is imported here,
+when the pipeline is built, never by `import safeserve`. Only the record's codes, names, states
+and numbers go on the span: never inputs, outputs, reason details or error messages (they may
+hold the values the decision log redacts).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from safeserve.decisions import Record
+from safeserve.errors import PolicyError
+
+DEGRADED_EVENT = "safeserve.degraded"
+
+
+class SpanAnnotator:
+    """Sets `safeserve.*` attributes on the current span, and a `safeserve.degraded` event for a
+    degraded call; does nothing when the current span is not recording."""
+
+    __slots__ = ("_current_span", "_static")
+
+    def __init__(self, policy: str, owner: str | None, model_version: str | None) -> None:
+        try:
+            from opentelemetry import trace
+        except ImportError:
+            raise PolicyError(
+                [
+                    "log.trace: needs opentelemetry-api, which is not installed "
+                    "(pip install safeserve[otel])"
+                ]
+            ) from None
+        self._current_span: Callable[[], Any] = trace.get_current_span
+        static = {"safeserve.policy": policy}
+        if owner is not None:
+            static["safeserve.owner"] = owner
+        if model_version is not None:
+            static["safeserve.model_version"] = model_version
+        self._static = static
+
+    def healthy(self, breaker_state: str, latency_ms: float, confidence: float | None) -> None:
+        """A healthy call that built no record: served by the primary, not degraded."""
+        span = self._current_span()
+        if not span.is_recording():
+            return
+        span.set_attributes(self._static)
+        span.set_attributes(
+            {
+                "safeserve.served_by": "primary",
+                "safeserve.degraded": False,
+                "safeserve.flagged": False,
+                "safeserve.reasons": (),
+                "safeserve.breaker_state": breaker_state,
+                "safeserve.latency_ms": latency_ms,
+            }
+        )
+        if confidence is not None and math.isfinite(confidence):
+            span.set_attribute("safeserve.confidence", confidence)
+
+    def record(self, record: Record) -> None:
+        """A call with a decision record: degraded, flagged, sampled or asked for."""
+        span = self._current_span()
+        if not span.is_recording():
+            return
+        served_by = "none" if record.served_by is None else record.served_by
+        reasons = [r.code for r in record.reasons]
+        span.set_attributes(self._static)
+        span.set_attributes(
+            {
+                "safeserve.served_by": served_by,
+                "safeserve.degraded": record.degraded,
+                "safeserve.flagged": record.flagged,
+                "safeserve.reasons": reasons,
+                "safeserve.breaker_state": record.breaker_state,
+                "safeserve.latency_ms": record.latency_ms,
+                "safeserve.decision_id": record.id,
+            }
+        )
+        if record.confidence is not None and math.isfinite(record.confidence):
+            span.set_attribute("safeserve.confidence", record.confidence)
+        if record.degraded:
+            tried = [a.name for a in record.attempts if a.name != "primary"]
+            event = {
+                "safeserve.policy": self._static["safeserve.policy"],
+                "safeserve.served_by": served_by,
+                "safeserve.reasons": reasons,
+                "safeserve.fallbacks_tried": tried,
+                "safeserve.decision_id": record.id,
+            }
+            span.add_event(DEGRADED_EVENT, event)

@@ -1,0 +1,390 @@
+"""OpenTelemetry: with `DecisionLogConfig(trace=True)` each guarded call annotates the current span
+with its decision (served_by, degraded, reasons, breaker_state), through a real SDK
+TracerProvider and in-memory exporter; off by default, and then opentelemetry is never imported."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from asgi_app import SECRET, Model, build_app, rules_fallback
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import Tracer
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+import safeserve as ss
+from safeserve.config import file_json_schema
+
+CARD = "4000-0000-0000-0002"
+EMAIL = "someone@example.com"
+TRACED = ss.DecisionLogConfig(trace=True)
+
+
+class Spans:
+    """A real SDK tracer whose finished spans are kept in memory (no global provider is set)."""
+
+    def __init__(self) -> None:
+        self.exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.tracer: Tracer = provider.get_tracer("tests")
+
+    def finished(self) -> list[ReadableSpan]:
+        return list(self.exporter.get_finished_spans())
+
+    def only(self) -> ReadableSpan:
+        """The one span a test made: safeserve annotates it and starts none of its own."""
+        spans = self.finished()
+        assert len(spans) == 1, [s.name for s in spans]
+        return spans[0]
+
+
+@pytest.fixture
+def spans() -> Iterator[Spans]:
+    s = Spans()
+    yield s
+    s.exporter.shutdown()
+
+
+def plain(attributes: Any) -> dict[str, Any]:
+    """Span or event attributes as a dict, sequences as lists."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in (attributes or {}).items()}
+
+
+def attrs(span: ReadableSpan) -> dict[str, Any]:
+    """The span's `safeserve.*` attributes."""
+    return {k: v for k, v in plain(span.attributes).items() if k.startswith("safeserve.")}
+
+
+def events(span: ReadableSpan) -> list[tuple[str, dict[str, Any]]]:
+    return [(e.name, plain(e.attributes)) for e in span.events]
+
+
+def everything_on(spans: list[ReadableSpan]) -> str:
+    """All attribute and event text of the spans, to search for leaks."""
+    parts = []
+    for span in spans:
+        parts.append(repr(dict(span.attributes or {})))
+        parts.extend(repr((e.name, dict(e.attributes or {}))) for e in span.events)
+    return "\n".join(parts)
+
+
+def crash(x: Any) -> Any:
+    raise RuntimeError(SECRET)
+
+
+def policy(name: str, **fields: Any) -> ss.Policy:
+    fields.setdefault("log", TRACED)
+    return ss.Policy(name=name, owner="risk-ml-oncall", **fields)
+
+
+class TestGuardedCall:
+    def test_healthy_call_marks_the_span_served_by_primary(self, spans: Spans) -> None:
+        """A healthy call sets served_by=primary, degraded=False and the breaker state."""
+        guarded = ss.guard(policy("healthy"))(lambda x: {"label": "ok"})
+        with spans.tracer.start_as_current_span("request"):
+            assert guarded({"amount": 1}) == {"label": "ok"}
+        span = spans.only()
+        got = attrs(span)
+        assert got["safeserve.policy"] == "healthy"
+        assert got["safeserve.owner"] == "risk-ml-oncall"
+        assert got["safeserve.served_by"] == "primary"
+        assert got["safeserve.degraded"] is False
+        assert got["safeserve.flagged"] is False
+        assert got["safeserve.reasons"] == []
+        assert got["safeserve.breaker_state"] == "closed"
+        assert got["safeserve.latency_ms"] >= 0
+        assert "safeserve.decision_id" not in got  # a healthy call builds no record
+        assert span.events == ()
+
+    def test_a_call_with_a_record_names_its_decision(self, spans: Spans) -> None:
+        """`.call()` builds a record; the span carries its id and confidence."""
+        conf = ss.ConfidenceConfig(threshold=0.5)
+        guarded = ss.guard(policy("outcome", confidence=conf))(lambda x: {"confidence": 0.9})
+        with spans.tracer.start_as_current_span("request"):
+            outcome = guarded.call(1)
+        got = attrs(spans.only())
+        assert got["safeserve.decision_id"] == outcome.decision.id
+        assert got["safeserve.served_by"] == "primary"
+        assert got["safeserve.confidence"] == pytest.approx(0.9)
+
+    def test_crash_served_by_fallback_marks_the_span_degraded(self, spans: Spans) -> None:
+        """A crash names the fallback, the reason codes, and adds a safeserve.degraded event."""
+        fallbacks = [ss.Fallback.static("static", {"label": "review"})]
+        guarded = ss.guard(policy("crash", fallbacks=fallbacks))(crash)
+        with spans.tracer.start_as_current_span("request"):
+            assert guarded({"amount": 1}) == {"label": "review"}
+        span = spans.only()
+        got = attrs(span)
+        decision = guarded.decisions()[-1]
+        assert got["safeserve.served_by"] == "static"
+        assert got["safeserve.degraded"] is True
+        assert got["safeserve.reasons"] == ["error"]
+        assert got["safeserve.decision_id"] == decision.id
+        assert got["safeserve.latency_ms"] == decision.latency_ms
+        assert events(span) == [
+            (
+                "safeserve.degraded",
+                {
+                    "safeserve.policy": "crash",
+                    "safeserve.served_by": "static",
+                    "safeserve.reasons": ["error"],
+                    "safeserve.fallbacks_tried": ["static"],
+                    "safeserve.decision_id": decision.id,
+                },
+            )
+        ]
+
+    def test_every_fallback_tried_is_in_the_event(self, spans: Spans) -> None:
+        """A failing fallback is listed before the one that answered."""
+        fallbacks = [ss.Fallback.model("backup", crash), ss.Fallback.static("static", 0)]
+        guarded = ss.guard(policy("chain", fallbacks=fallbacks))(crash)
+        with spans.tracer.start_as_current_span("request"):
+            guarded(1)
+        span = spans.only()
+        assert attrs(span)["safeserve.reasons"] == ["error", "fallback_failed"]
+        [(_, event)] = events(span)
+        assert event["safeserve.fallbacks_tried"] == ["backup", "static"]
+
+    def test_no_fallback_marks_the_span_served_by_none(self, spans: Spans) -> None:
+        """When nothing answers, the span still says so before the error propagates."""
+        guarded = ss.guard(policy("bare"))(crash)
+        with (
+            spans.tracer.start_as_current_span("request"),
+            pytest.raises(ss.NoFallbackAvailable),
+        ):
+            guarded(1)
+        got = attrs(spans.only())
+        assert (got["safeserve.served_by"], got["safeserve.degraded"]) == ("none", True)
+
+    def test_flagged_low_confidence_is_not_degraded(self, spans: Spans) -> None:
+        """action="flag" serves the primary: flagged, not degraded, no degraded event."""
+        conf = ss.ConfidenceConfig(threshold=0.5, action="flag")
+        guarded = ss.guard(policy("flag", confidence=conf))(lambda x: {"confidence": 0.2})
+        with spans.tracer.start_as_current_span("request"):
+            guarded(1)
+        span = spans.only()
+        got = attrs(span)
+        assert (got["safeserve.served_by"], got["safeserve.degraded"]) == ("primary", False)
+        assert got["safeserve.flagged"] is True
+        assert got["safeserve.reasons"] == ["low_confidence"]
+        assert got["safeserve.confidence"] == pytest.approx(0.2)
+        assert span.events == ()
+
+    def test_async_guard_annotates_the_span(self, spans: Spans) -> None:
+        """The async driver annotates healthy and degraded calls the same way."""
+
+        async def ok(x: Any) -> str:
+            return "ok"
+
+        async def broken(x: Any) -> str:
+            raise RuntimeError(SECRET)
+
+        fallbacks = [ss.Fallback.static("static", "fallback")]
+        healthy = ss.guard(policy("async-ok"))(ok)
+        degraded = ss.guard(policy("async-crash", fallbacks=fallbacks))(broken)
+
+        async def both() -> None:
+            with spans.tracer.start_as_current_span("healthy"):
+                await healthy(1)
+            with spans.tracer.start_as_current_span("degraded"):
+                await degraded(1)
+
+        asyncio.run(both())
+        by_name = {s.name: attrs(s) for s in spans.finished()}
+        assert by_name["healthy"]["safeserve.served_by"] == "primary"
+        assert by_name["degraded"]["safeserve.served_by"] == "static"
+        assert by_name["degraded"]["safeserve.reasons"] == ["error"]
+
+    def test_no_recording_span_means_nothing_is_set(self, spans: Spans) -> None:
+        """Outside any span (or in one not sampled) a traced guard works and records nothing."""
+        guarded = ss.guard(policy("outside", fallbacks=[ss.Fallback.static("s", 0)]))(crash)
+        assert guarded(1) == 0
+        assert spans.finished() == []
+
+
+class TestRedaction:
+    def test_inputs_redacted_fields_and_error_messages_never_reach_the_span(
+        self, spans: Spans
+    ) -> None:
+        """Span attributes and events carry codes and names only: no input value, no redacted or
+        hashed field, no exception message, no reason detail."""
+        log = ss.DecisionLogConfig(
+            trace=True, redact=["card"], hash=["email"], include_outputs=True
+        )
+        fallbacks = [ss.Fallback.model("backup", crash), ss.Fallback.static("static", {"a": 1})]
+        guarded = ss.guard(policy("private", log=log, fallbacks=fallbacks))(crash)
+        ok = ss.guard(policy("private-ok", log=log))(lambda x: {"echo": x["card"]})
+        row = {"amount": 9876.54321, "card": CARD, "email": EMAIL}
+        with spans.tracer.start_as_current_span("degraded"):
+            guarded(row)
+        with spans.tracer.start_as_current_span("healthy"):
+            ok.call(row)
+        text = everything_on(spans.finished())
+        assert "safeserve.served_by" in text
+        for leak in (CARD, EMAIL, "9876.54321", SECRET, "RuntimeError", "card", "email", "echo"):
+            assert leak not in text
+        assert guarded.decisions()[-1].inputs["amount"] == 9876.54321  # the log keeps what it may
+
+
+class TestDisabled:
+    def test_off_by_default_leaves_the_span_alone(self, spans: Spans) -> None:
+        """Without `trace=True`, healthy and degraded calls set nothing on the span."""
+        fallbacks = [ss.Fallback.static("static", 0)]
+        quiet = ss.guard(ss.Policy(name="quiet", fallbacks=fallbacks))(crash)
+        logged = ss.guard(ss.Policy(name="logged", log=ss.DecisionLogConfig(sample_rate=1.0)))(
+            lambda x: x
+        )
+        with spans.tracer.start_as_current_span("request"):
+            quiet(1)
+            logged.call(1)
+        span = spans.only()
+        assert attrs(span) == {}
+        assert span.events == ()
+
+    def test_safeserve_never_imports_opentelemetry_when_off(self) -> None:
+        """`import safeserve` and untraced guards, healthy or degraded, leave opentelemetry out."""
+        code = (
+            "import sys, safeserve as ss\n"
+            "log = ss.DecisionLogConfig(sample_rate=1.0)\n"
+            "fb = [ss.Fallback.static('s', 0)]\n"
+            "ok = ss.guard(ss.Policy(name='ok', log=log))(lambda x: x)\n"
+            "def crash(x): raise RuntimeError('boom')\n"
+            "bad = ss.guard(ss.Policy(name='bad', fallbacks=fb))(crash)\n"
+            "ok(1); ok.call(1); bad(1)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+        )
+        assert out.stdout.strip() == "[]"
+
+    def test_enabled_without_the_extra_fails_at_guard_construction(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """trace=True without opentelemetry-api is a PolicyError naming the extra to install."""
+        monkeypatch.setitem(sys.modules, "opentelemetry", None)
+        with pytest.raises(ss.PolicyError, match=r"pip install safeserve\[otel\]") as err:
+            ss.guard(policy("no-otel"))(lambda x: x)
+        assert err.value.problems[0].startswith("log.trace:")
+
+
+class TestConfigFile:
+    def test_trace_in_a_policy_file_turns_tracing_on(self, tmp_path: Path, spans: Spans) -> None:
+        """`log: {trace: true}` loads from YAML and TOML, and the guard annotates spans."""
+        (tmp_path / "p.yaml").write_text(
+            "policies:\n  traced:\n    log:\n      trace: true\n    fallbacks:\n"
+            "      - {name: default, static: {label: review}}\n"
+        )
+        (tmp_path / "p.toml").write_text(
+            "[policies.traced.log]\ntrace = true\n"
+            '[[policies.traced.fallbacks]]\nname = "default"\nstatic = "x"\n'
+        )
+        from_yaml = ss.load_policies(tmp_path / "p.yaml")["traced"]
+        from_toml = ss.load_policies(tmp_path / "p.toml")["traced"]
+        assert from_yaml.log == from_toml.log == ss.DecisionLogConfig(trace=True)
+        guarded = ss.guard(from_yaml)(crash)
+        with spans.tracer.start_as_current_span("request"):
+            assert guarded(1) == {"label": "review"}
+        assert attrs(spans.only())["safeserve.degraded"] is True
+
+    def test_schema_lists_trace(self) -> None:
+        """`safeserve schema` documents the field, so editors complete and check it."""
+        log = file_json_schema()["$defs"]["FileLog"]["properties"]
+        assert log["trace"] == {"default": False, "title": "Trace", "type": "boolean"}
+        out = subprocess.run(
+            [sys.executable, "-m", "safeserve.cli", "schema"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        assert json.loads(out.stdout)["$defs"]["FileLog"]["properties"]["trace"] == log["trace"]
+
+
+class SpanPerRequest:
+    """A span around each HTTP request, current while the app runs (as OTel's ASGI middleware)."""
+
+    def __init__(self, app: ASGIApp, tracer: Tracer) -> None:
+        self.app = app
+        self.tracer = tracer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        with self.tracer.start_as_current_span(f"{scope['method']} {scope['path']}"):
+            await self.app(scope, receive, send)
+
+
+def post_all(app: Any, *bodies: dict[str, Any], url: str = "/predict") -> list[httpx.Response]:
+    async def send_all() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return [await client.post(url, json=body) for body in bodies]
+
+    return asyncio.run(send_all())
+
+
+class TestFastAPIMiddleware:
+    def traced_app(self, spans: Spans, model: Model, **fields: Any) -> Any:
+        fields.setdefault("fallbacks", [rules_fallback()])
+        guard = ss.guard(policy(f"route-{model.mode}", **fields))(model.answer)
+        app = build_app(model, {"/predict": guard})
+        app.add_middleware(SpanPerRequest, tracer=spans.tracer)
+        return app
+
+    @pytest.mark.parametrize("timeout_s", [None, 1.0])
+    def test_healthy_route_annotates_the_request_span(
+        self, spans: Spans, timeout_s: float | None
+    ) -> None:
+        """A healthy guarded route marks its request span served_by=primary, not degraded."""
+        app = self.traced_app(spans, Model(), timeout_s=timeout_s)
+        [r] = post_all(app, {"amount": 12.0, "card_number": CARD})
+        assert r.headers["x-safeserve-served-by"] == "primary"
+        got = attrs(spans.only())
+        assert got["safeserve.served_by"] == "primary"
+        assert got["safeserve.degraded"] is False
+        assert got["safeserve.breaker_state"] == "closed"
+
+    def test_crash_on_a_route_marks_the_request_span_degraded(self, spans: Spans) -> None:
+        """A crashing endpoint served by the rules fallback: degraded attributes and event, and
+        neither the body nor the exception message on the span."""
+        app = self.traced_app(spans, Model("crash"))
+        [r] = post_all(app, {"amount": 5432.1, "card_number": CARD})
+        assert r.json() == {"label": "review"}
+        span = spans.only()
+        got = attrs(span)
+        assert got["safeserve.served_by"] == "rules"
+        assert got["safeserve.degraded"] is True
+        assert got["safeserve.reasons"] == ["error"]
+        [(name, event)] = events(span)
+        assert (name, event["safeserve.fallbacks_tried"]) == ("safeserve.degraded", ["rules"])
+        text = everything_on([span])
+        for leak in (CARD, "5432.1", SECRET, "RuntimeError"):
+            assert leak not in text
+
+    def test_no_fallback_503_marks_the_request_span(self, spans: Spans) -> None:
+        """A 503 without a fallback leaves served_by=none on the request span."""
+        app = self.traced_app(spans, Model("crash"), fallbacks=[])
+        [r] = post_all(app, {"amount": 1.0})
+        assert r.status_code == 503
+        got = attrs(spans.only())
+        assert (got["safeserve.served_by"], got["safeserve.degraded"]) == ("none", True)
+
+    def test_each_request_annotates_its_own_span(self, spans: Spans) -> None:
+        """Spans of healthy and degraded requests on one route each describe their own call."""
+        model = Model()
+        app = self.traced_app(spans, model)
+        post_all(app, {"amount": 1.0}, {"amount": 2.0, "mode": "crash"}, {"amount": 3.0})
+        served = [attrs(s)["safeserve.served_by"] for s in spans.finished()]
+        assert served == ["primary", "rules", "primary"]

@@ -47,9 +47,9 @@ class SpanAnnotator:
         span = self._current_span()
         if not span.is_recording():
             return
-        span.set_attributes(self._static)
         span.set_attributes(
             {
+                **self._static,
                 "safeserve.served_by": "primary",
                 "safeserve.degraded": False,
                 "safeserve.flagged": False,
@@ -68,9 +68,9 @@ class SpanAnnotator:
             return
         served_by = "none" if record.served_by is None else record.served_by
         reasons = [r.code for r in record.reasons]
-        span.set_attributes(self._static)
         span.set_attributes(
             {
+                **self._static,
                 "safeserve.served_by": served_by,
                 "safeserve.degraded": record.degraded,
                 "safeserve.flagged": record.flagged,

@@ -206,7 +206,7 @@ class TestGuardedCall:
         assert by_name["degraded"]["safeserve.reasons"] == ["error"]
 
     def test_no_recording_span_means_nothing_is_set(self, spans: Spans) -> None:
-        """Outside any span (or in one not sampled) a traced guard works and records nothing."""
+        """Outside any span a traced guard works and records nothing."""
         guarded = ss.guard(policy("outside", fallbacks=[ss.Fallback.static("s", 0)]))(crash)
         assert guarded(1) == 0
         assert spans.finished() == []

@@ -205,6 +205,17 @@ class TestGuardedCall:
         assert by_name["degraded"]["safeserve.served_by"] == "static"
         assert by_name["degraded"]["safeserve.reasons"] == ["error"]
 
+    def test_reload_turns_tracing_on_and_off(self, spans: Spans) -> None:
+        """A hot reload to `trace=True` annotates the next calls; back to False stops it."""
+        guarded = ss.guard(ss.Policy(name="reloaded"))(lambda x: x)
+        for trace in (True, False):
+            guarded.reload(ss.Policy(name="reloaded", log=ss.DecisionLogConfig(trace=trace)))
+            with spans.tracer.start_as_current_span(f"trace={trace}"):
+                guarded(1)
+        by_name = {s.name: attrs(s) for s in spans.finished()}
+        assert by_name["trace=True"]["safeserve.served_by"] == "primary"
+        assert by_name["trace=False"] == {}
+
     def test_no_recording_span_means_nothing_is_set(self, spans: Spans) -> None:
         """Outside any span a traced guard works and records nothing."""
         guarded = ss.guard(policy("outside", fallbacks=[ss.Fallback.static("s", 0)]))(crash)

@@ -1,4 +1,5 @@
-"""Batch rows: the input forms `predict.batch` accepts, and the vectorized baseline checks.
+"""Batch rows: the input forms `predict.batch` accepts, the vectorized baseline checks, and the
+`BatchOutcome` the answers are assembled into.
 
 Rows stay in the form they came in (columns, a matrix, a DataFrame's arrays); a row becomes a
 dict only when a fallback or a record needs it.
@@ -6,7 +7,7 @@ dict only when a fallback or a record needs it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -15,9 +16,53 @@ from safeserve.profile import category_or_null, number_or_nan
 from safeserve.validation import BaselineChecks, category_key, numeric_problem
 
 if TYPE_CHECKING:
+    from safeserve.decisions import Decision
     from safeserve.pipeline import Pipeline
 
 _INDEX = np.intp
+
+
+class BatchOutcome:
+    """What `predict.batch(rows)` returns: per row, in order, the answer (or None), who served
+    it and whether it degraded; and the `Decision` of every degraded or flagged row.
+
+    `values` is assembled on first read: the primary's answers stay in the array it returned
+    until then, so a caller that reads `degraded` and the decisions pays nothing for a list.
+    """
+
+    __slots__ = ("_build", "_values", "batch_id", "decisions", "degraded", "served_by")
+
+    def __init__(
+        self,
+        values: list[Any] | Callable[[], list[Any]],
+        served_by: list[str | None],
+        degraded: np.ndarray,
+        decisions: list[Decision],
+        batch_id: str,
+    ) -> None:
+        self._values = values if isinstance(values, list) else None
+        self._build = None if isinstance(values, list) else values
+        self.served_by = served_by
+        self.degraded = degraded
+        self.decisions = decisions
+        self.batch_id = batch_id
+
+    @property
+    def values(self) -> list[Any]:
+        """The answers in row order (None where nothing served)."""
+        if self._values is None:
+            assert self._build is not None
+            self._values, self._build = self._build(), None
+        return self._values
+
+    def __len__(self) -> int:
+        return len(self.served_by)
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchOutcome(rows={len(self)}, degraded={int(self.degraded.sum())}, "
+            f"batch_id={self.batch_id!r})"
+        )
 
 
 class Rows:
@@ -257,6 +302,3 @@ def profile_rows(p: Pipeline, rows: Rows) -> None:
         profiler._n += rows.n
         for name, col in columns.items():
             profiler._add(name, col)
-
-
-# -- the engine ----------------------------------------------------------------------------

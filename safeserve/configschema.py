@@ -236,6 +236,10 @@ class FallbackEntry(BaseModel):
     static: Any = Field(default=None, description="the fixed answer of a static fallback")
     timeout_s: float | None = Field(default=None, gt=0)
     threshold: float | None = Field(default=None, ge=0, le=1)
+    batch: bool = Field(
+        default=False,
+        description="a model fallback that takes a batch: predict.batch's rows in one call",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> FallbackEntry:
@@ -245,6 +249,8 @@ class FallbackEntry(BaseModel):
             raise ValueError(f"give exactly one of model, rules, cache, static{found}")
         if "default" in self.model_fields_set and given != ["rules"]:
             raise ValueError("`default` belongs to a rules fallback")
+        if self.batch and given != ["model"]:
+            raise ValueError("`batch` belongs to a model fallback")
         return self
 
     @property
@@ -256,7 +262,7 @@ class FallbackEntry(BaseModel):
         """The `Fallback` this entry declares."""
         kw: dict[str, Any] = {"name": self.name, "kind": self.kind}
         given = self.model_fields_set
-        kw.update({k: getattr(self, k) for k in ("timeout_s", "threshold") if k in given})
+        kw.update({k: getattr(self, k) for k in ("timeout_s", "threshold", "batch") if k in given})
         if self.model is not None:
             kw["fn"] = self.model
         if self.rules is not None:

@@ -145,12 +145,19 @@ class FallbackStep:
 
 
 class ModelStep(FallbackStep):
-    """Another model, called with the primary's arguments, under its own timeout."""
+    """Another model, called with the primary's arguments, under its own timeout.
 
-    def __init__(self, config: Fallback, pool_name: str) -> None:
+    A `batch` model takes a batch and returns one answer per row: `predict.batch` calls it
+    once with every row still waiting (`answer_batch`). A single call reaches it as a batch of
+    one row, unless the primary takes batches too (then the call's input already is a batch).
+    """
+
+    def __init__(self, config: Fallback, pool_name: str, batch_primary: bool = False) -> None:
         super().__init__(config)
         assert config.fn is not None
         self.fn = config.fn
+        self.batch = config.batch
+        self.wraps_rows = config.batch and not batch_primary
         self.is_async = inspect.iscoroutinefunction(self.fn)
         self._pool_name = pool_name
         self._pool: WorkerPool | None = None
@@ -163,6 +170,15 @@ class ModelStep(FallbackStep):
     def answer(
         self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any], time_left: float | None
     ) -> Any:
+        if self.wraps_rows:
+            return only_answer(self._call(([x],), {}, time_left))
+        return self._call(args, kwargs, time_left)
+
+    def answer_batch(self, batch: Any, time_left: float | None) -> Any:
+        """The answers of a `batch` model for the rows of `batch`, in one call."""
+        return self._call((batch,), {}, time_left)
+
+    def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any], time_left: float | None) -> Any:
         if self.is_async:
             raise TypeError(f"fallback {self.name!r} is async; guard an async function to use it")
         timeout = self._timeout(time_left)
@@ -175,11 +191,22 @@ class ModelStep(FallbackStep):
     async def answer_async(
         self, x: Any, args: tuple[Any, ...], kwargs: dict[str, Any], time_left: float | None
     ) -> Any:
+        if self.wraps_rows:
+            return only_answer(await self._call_async(([x],), {}, time_left))
+        return await self._call_async(args, kwargs, time_left)
+
+    async def answer_batch_async(self, batch: Any, time_left: float | None) -> Any:
+        """The async twin of `answer_batch`."""
+        return await self._call_async((batch,), {}, time_left)
+
+    async def _call_async(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], time_left: float | None
+    ) -> Any:
         timeout = self._timeout(time_left)
         if not self.is_async:
             if timeout is None:
                 return self.fn(*args, **kwargs)
-            return await asyncio.to_thread(self.answer, x, args, kwargs, timeout)
+            return await asyncio.to_thread(self._call, args, kwargs, timeout)
         if timeout is None:
             return await self.fn(*args, **kwargs)
         try:
@@ -187,6 +214,20 @@ class ModelStep(FallbackStep):
                 return await self.fn(*args, **kwargs)
         except TimeoutError:
             raise AttemptTimeout(f"no answer within {timeout * 1000:.0f} ms") from None
+
+
+def only_answer(answers: Any) -> Any:
+    """The one answer of a batch model called on a batch of one row."""
+    if hasattr(answers, "to_numpy"):
+        answers = answers.to_numpy()
+    try:
+        count = len(answers)
+    except TypeError:
+        count = -1
+    if count != 1:
+        raise NoAnswer(f"{count} answers for a batch of one row")
+    answer = answers[0]
+    return answer.tolist() if isinstance(answer, np.ndarray | np.generic) else answer
 
 
 class RulesStep(FallbackStep):
@@ -262,12 +303,15 @@ class StaticStep(FallbackStep):
         return self.value
 
 
-def build_steps(configs: list[Fallback], pool_name: str) -> list[FallbackStep]:
-    """The runtime chain for a policy's fallbacks, in order."""
+def build_steps(
+    configs: list[Fallback], pool_name: str, batch_primary: bool = False
+) -> list[FallbackStep]:
+    """The runtime chain for a policy's fallbacks, in order (`batch_primary`: the guarded
+    function takes batches, `Policy.batch`)."""
     steps: list[FallbackStep] = []
     for c in configs:
         if c.kind == "model":
-            steps.append(ModelStep(c, pool_name))
+            steps.append(ModelStep(c, pool_name, batch_primary))
         elif c.kind == "rules":
             steps.append(RulesStep(c))
         elif c.kind == "cache":

@@ -182,11 +182,14 @@ class Fallback(_Config):
     value: Any = None
     timeout_s: float | None = Field(default=None, gt=0)
     threshold: float | None = Field(default=None, ge=0, le=1)
+    batch: bool = False  # a model fallback that takes a batch: `predict.batch`'s rows in one call
 
     @model_validator(mode="after")
     def _kind_fields(self) -> Fallback:
         if self.kind == "model" and not callable(self.fn):
             raise ValueError("a model fallback needs a callable `fn`")
+        if self.batch and self.kind != "model":
+            raise ValueError("only a model fallback takes batches (`batch=True`)")
         return self
 
     @classmethod
@@ -197,9 +200,17 @@ class Fallback(_Config):
         *,
         timeout_s: float | None = None,
         threshold: float | None = None,
+        batch: bool = False,
     ) -> Fallback:
-        """Another model (sync or async), called with the same arguments as the primary."""
-        return cls(name=name, kind="model", fn=fn, timeout_s=timeout_s, threshold=threshold)
+        """Another model (sync or async), called with the same arguments as the primary.
+
+        `batch=True`: `fn` takes a batch and returns one answer per row, like a `batch=True`
+        primary; `predict.batch` then hands it every row still waiting for a fallback in one
+        call (a row it answers with None or NaN goes on to the next fallback).
+        """
+        return cls(
+            name=name, kind="model", fn=fn, timeout_s=timeout_s, threshold=threshold, batch=batch
+        )
 
     @classmethod
     def rules(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 import tracemalloc
@@ -512,3 +513,201 @@ class TestVectorizedChecks:
                 assert details[i] == one.decision.reasons[0].detail
             else:
                 assert i not in details
+
+
+class TestBatchFallbacks:
+    """`Fallback.model(..., batch=True)` gets the degraded rows of a batch in one call."""
+
+    def test_the_degraded_rows_reach_it_in_one_call_in_the_primary_form(
+        self, baseline: ss.Baseline
+    ) -> None:
+        seen: list[Any] = []
+
+        def v2(batch: np.ndarray) -> np.ndarray:
+            seen.append(batch)
+            return np.stack([np.full(len(batch), 0.8), np.full(len(batch), 0.2)], axis=1)
+
+        predict = ss.guard(
+            name=f"batch-{time.monotonic_ns()}",
+            batch=True,
+            validation=ss.ValidationConfig(baseline=baseline),
+            confidence=ss.ConfidenceConfig(threshold=0.7),
+            fallbacks=[ss.Fallback.model("v2", v2, batch=True)],
+        )(Model())
+        kinds = ["valid", "invalid", "nan", "valid", "low", "poison"]
+        out = call_batch(predict, [KINDS[k] for k in kinds], "array")
+        assert len(seen) == 1
+        np.testing.assert_array_equal(seen[0], np.array([KINDS[k] for k in kinds[1:3] + kinds[4:]]))
+        assert out.served_by == ["primary", "v2", "v2", "primary", "v2", "v2"]
+        assert out.values[1] == out.values[5] == [0.8, 0.2]
+        check_records_match(out)
+        assert {d.row: [a.name for a in d.attempts][-1] for d in out.decisions} == {
+            1: "v2",
+            2: "v2",
+            4: "v2",
+            5: "v2",
+        }
+
+    @pytest.mark.parametrize("form", ["records", "columns"])
+    def test_it_gets_the_form_the_primary_gets(self, form: str) -> None:
+        seen: list[Any] = []
+
+        def v2(batch: Any) -> list[list[float]]:
+            seen.append(batch)
+            return [[0.8, 0.2]] * len(matrix(batch))
+
+        predict = ss.guard(
+            name=f"batch-{time.monotonic_ns()}",
+            batch=True,
+            fallbacks=[ss.Fallback.model("v2", v2, batch=True)],
+        )(Model())
+        out = call_batch(predict, [KINDS["poison"], KINDS["valid"], KINDS["poison"]], form)
+        assert out.served_by == ["v2", "primary", "v2"]
+        (batch,) = seen
+        assert type(batch) is (list if form == "records" else dict)
+        assert matrix(batch).tolist() == [KINDS["poison"], KINDS["poison"]]
+
+    def test_rows_it_answers_with_none_or_nan_go_on_to_the_next_fallback(self) -> None:
+        def v2(batch: list[dict[str, float]]) -> list[Any]:
+            return [None, math.nan, [0.8, 0.2], [math.nan, 0.5]][: len(batch)]
+
+        predict = ss.guard(
+            name=f"batch-{time.monotonic_ns()}",
+            batch=True,
+            fallbacks=[ss.Fallback.model("v2", v2, batch=True), ss.Fallback.static("default", 0)],
+        )(Model())
+        out = call_batch(predict, [KINDS["poison"]] * 4, "records")
+        assert out.served_by == ["default", "default", "v2", "default"]
+        assert out.values == [0, 0, [0.8, 0.2], 0]
+        failed = {d.row: d.reasons[1].detail for d in out.decisions if len(d.reasons) > 1}
+        assert failed == {
+            0: "v2: no answer for this row",
+            1: "v2: a non-finite answer for this row",
+            3: "v2: a non-finite answer for this row",
+        }
+
+    @pytest.mark.parametrize("broken", ["raises", "wrong_count"])
+    def test_a_failed_call_sends_every_row_on_row_by_row(self, broken: str) -> None:
+        rows_seen: list[Any] = []
+
+        def v2(batch: Any) -> list[float]:
+            if broken == "raises":
+                raise RuntimeError("v2 is down")
+            return [0.1]
+
+        def per_row(x: Any) -> list[list[float]]:  # a batch of one row, one answer
+            rows_seen.append(x)
+            return [[0.3, 0.7]]
+
+        predict = ss.guard(
+            name=f"batch-{time.monotonic_ns()}",
+            batch=True,
+            fallbacks=[
+                ss.Fallback.model("v2", v2, batch=True),
+                ss.Fallback.model("per_row", per_row),
+            ],
+        )(Model())
+        out = call_batch(predict, [KINDS["poison"], KINDS["valid"], KINDS["poison"]], "array")
+        assert out.served_by == ["per_row", "primary", "per_row"]
+        assert [matrix(x).tolist() for x in rows_seen] == [[KINDS["poison"]]] * 2
+        for d in out.decisions:
+            assert [(a.name, a.ok) for a in d.attempts][-2:] == [("v2", False), ("per_row", True)]
+            assert d.reasons[1].code == "fallback_failed"
+
+    def test_its_threshold_applies_per_row(self) -> None:
+        def v2(batch: Any) -> np.ndarray:
+            return np.array([[0.95, 0.05], [0.6, 0.4]])
+
+        predict = ss.guard(
+            name=f"batch-{time.monotonic_ns()}",
+            batch=True,
+            fallbacks=[
+                ss.Fallback.model("v2", v2, batch=True, threshold=0.9),
+                ss.Fallback.static("default", FALLBACK),
+            ],
+        )(Model())
+        out = call_batch(predict, [KINDS["poison"]] * 2, "array")
+        assert out.served_by == ["v2", "default"]
+        assert out.values == [[0.95, 0.05], FALLBACK]
+
+    def test_async_guard_with_an_async_batch_fallback(self) -> None:
+        calls: list[int] = []
+        model = Model()
+
+        async def primary(batch: Any) -> np.ndarray:
+            return model(batch)
+
+        async def v2(batch: Any) -> list[list[float]]:
+            calls.append(len(batch))
+            return [[0.8, 0.2]] * len(batch)
+
+        predict = ss.guard(
+            name=f"batch-{time.monotonic_ns()}",
+            batch=True,
+            fallbacks=[ss.Fallback.model("v2", v2, batch=True)],
+        )(primary)
+        rows = [KINDS["poison"], KINDS["valid"], KINDS["poison"], KINDS["poison"]]
+        out = asyncio.run(call_batch(predict, rows, "records"))
+        assert out.served_by == ["v2", "primary", "v2", "v2"]
+        assert calls == [3]
+
+    def test_a_plain_guard_hands_it_a_batch_of_one_row(self) -> None:
+        seen: list[Any] = []
+
+        def v2(rows: list[dict[str, float]]) -> list[float]:
+            seen.append(rows)
+            return [-r["a"] for r in rows]
+
+        def model(x: dict[str, float]) -> float:
+            if x["a"] < 0:
+                raise ValueError("negative")
+            return x["a"]
+
+        predict = ss.guard(
+            name=f"plain-{time.monotonic_ns()}",
+            fallbacks=[ss.Fallback.model("v2", v2, batch=True)],
+        )(model)
+        assert predict({"a": -2.0}) == 2.0
+        out = predict.batch([{"a": 1.0}, {"a": -3.0}])
+        assert out.values == [1.0, 3.0]
+        assert seen == [[{"a": -2.0}], [{"a": -3.0}]]
+
+    def test_with_a_batch_primary_a_single_call_hands_it_the_arguments_as_they_are(self) -> None:
+        """When the primary takes batches, a call's input already is a batch."""
+        from safeserve.fallbacks import build_steps
+
+        config = ss.Fallback.model("v2", lambda batch: [len(batch)] * len(batch), batch=True)
+        (batch_primary,) = build_steps([config], "p", batch_primary=True)
+        (row_primary,) = build_steps([config], "p")
+        rows = [{"a": 1.0}, {"a": 2.0}]
+        assert batch_primary.answer(rows, (rows,), {}, None) == [2, 2]
+        assert row_primary.answer(rows[0], (rows[0],), {}, None) == 1
+
+    def test_only_a_model_fallback_takes_batches(self) -> None:
+        with pytest.raises(ss.PolicyError, match="only a model fallback"):
+            ss.Fallback(name="x", kind="static", value=1, batch=True)
+
+    def test_a_policy_file_declares_it(self, tmp_path: Any) -> None:
+        from safeserve.config import file_json_schema
+
+        path = tmp_path / "policies.yaml"
+        path.write_text(
+            "policies:\n"
+            "  scoring:\n"
+            "    model: math:fsum\n"
+            "    batch: true\n"
+            "    fallbacks:\n"
+            "      - {name: v2, model: 'math:fsum', batch: true}\n"
+            "      - {name: default, static: 0}\n"
+        )
+        policy = ss.load_policies(path)["scoring"]
+        assert [(f.name, f.batch) for f in policy.fallbacks] == [("v2", True), ("default", False)]
+        path.write_text(
+            "policies:\n  scoring:\n    model: math:fsum\n"
+            "    fallbacks:\n      - {name: default, static: 0, batch: true}\n"
+        )
+        with pytest.raises(ss.PolicyError) as info:
+            ss.load_policies(path)
+        assert any("`batch` belongs to a model fallback" in p for p in info.value.problems)
+        schema = json.dumps(file_json_schema())
+        assert "predict.batch's rows in one call" in schema

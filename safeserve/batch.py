@@ -14,11 +14,12 @@ has a deadline and takes a `max_concurrent` slot per call, as a single call does
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from time import perf_counter
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from safeserve.batch_engine import Answered, BatchRun, Call, FallbackCall, Tried
+from safeserve.batch_engine import BatchRun, Call, Tried
+from safeserve.batch_fallbacks import Answered, FallbackCall
 from safeserve.batch_plain import row_by_row, row_by_row_async
 from safeserve.batch_rows import BatchOutcome
 from safeserve.breaker import REJECTED
@@ -52,7 +53,7 @@ def run_batch(guard: Guard, rows: Any, feature_names: list[str] | None) -> Batch
     return b.outcome()
 
 
-def _drive(plan: Generator[Sent, Got, None], run: Any) -> None:
+def _drive(plan: Generator[Sent, Got, None], run: Callable[[Sent], Got]) -> None:
     """Make each call a plan asks for and send it what came of it, until the plan ends."""
     try:
         call = next(plan)

@@ -1,5 +1,6 @@
 """The decisions of one batch: which rows reach the primary, how its answers are checked, how
-poison rows are isolated, and which fallback serves each row that degraded.
+poison rows are isolated (and, in `batch_fallbacks.py`, which fallback serves each row that
+degraded).
 
 `BatchRun` never calls anything itself: its plans (`primary`, `fallbacks`) are generators that
 yield the calls to make and receive what came of them, so the sync and async drivers
@@ -16,12 +17,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from safeserve.batch_fallbacks import FallbackWalk
 from safeserve.batch_rows import BatchOutcome, Rows, as_plain, assemble, failing_rows, profile_rows
-from safeserve.confidence import auto_extract, first_non_finite
+from safeserve.confidence import auto_extract
 from safeserve.decisions import RawAttempt, RawReason, Record, describe_error, new_id
 from safeserve.degrade import Degradation, ms
 from safeserve.errors import Overloaded
-from safeserve.fallbacks import FallbackStep, ModelStep, NoAnswer
 from safeserve.validation import BaselineChecks, Invalid
 
 if TYPE_CHECKING:
@@ -47,31 +48,7 @@ class Tried(NamedTuple):
     attempts: list[RawAttempt]
 
 
-class FallbackCall(NamedTuple):
-    """A fallback to ask: one row (`x`, `args`), or for a batch model every row still waiting
-    (`rows`, the batch in `args[0]`)."""
-
-    step: FallbackStep
-    rows: list[int]
-    x: Any
-    args: tuple[Any, ...]
-    batch: bool
-
-
-class Answered(NamedTuple):
-    """What came of a `FallbackCall`."""
-
-    value: Any
-    error: Exception | None
-    latency: float
-
-
-def is_batch_step(step: FallbackStep) -> bool:
-    """Whether the fallback takes every waiting row of a batch in one call."""
-    return isinstance(step, ModelStep) and step.batch
-
-
-class BatchRun:
+class BatchRun(FallbackWalk):
     """The state of one batch, and every decision about it; the drivers only call and await."""
 
     def __init__(self, guard: Guard, data: Any, feature_names: list[str] | None) -> None:
@@ -138,7 +115,7 @@ class BatchRun:
         if p.reject_invalid:
             reasons.append(RawReason("rejected", "validate"))
             self.rejected.append(i)
-            self._record(i, d, None, None)
+            self.record_row(i, d, None, None)
             self.guard._count(None, ["invalid_input", "rejected"], rejected=True)
         else:
             self.pending[i] = d
@@ -178,7 +155,8 @@ class BatchRun:
 
     def admit(self) -> int:
         breaker = self.guard.breaker
-        return breaker.fast_permit or breaker.admit()
+        permit: int = breaker.fast_permit or breaker.admit()
+        return permit
 
     def fail(self, permit: int, tried: Tried) -> None:
         """The breaker's outcome for a call that raised (an overload is none: the permit goes
@@ -262,7 +240,7 @@ class BatchRun:
                 attempts = list(tried.attempts)
                 d = Degradation(p, (self._x(i),), {}, 0, state, notices, attempts)
                 d.flagged = True
-                self._record(i, d, as_plain(answers[pos[j]]), "primary")
+                self.record_row(i, d, as_plain(answers[pos[j]]), "primary")
                 next(guard._healthy_count)
                 guard._count(None, [r.code for r in d.reasons], flagged=True)
                 flagged += 1
@@ -321,109 +299,6 @@ class BatchRun:
 
     def _x(self, i: int) -> Any:
         return self.validated.get(i, self.rows.row(i))
-
-    # -- the fallbacks
-    def fallbacks(self) -> Generator[FallbackCall, Answered, None]:
-        """Walks the fallbacks for every row that degraded, in the policy's order: a row
-        fallback is asked one row at a time; a batch model once, with every row still
-        waiting. A row goes on to the next fallback when one fails it."""
-        waiting = sorted(self.pending)
-        batch_guard = self.p.policy.batch
-        for step in self.p.steps:
-            if not waiting:
-                return
-            if is_batch_step(step):
-                batch = self.rows.take(np.array(waiting, dtype=_INDEX), self.validated)
-                answered = yield FallbackCall(step, waiting, None, (batch,), True)
-                waiting = self._answered_batch(step, waiting, answered)
-                continue
-            still = []
-            for i in waiting:
-                d = self.pending[i]
-                args = d.args
-                if batch_guard and isinstance(step, ModelStep):  # a batch of this one row
-                    args = (self.rows.take(np.array([i], dtype=_INDEX), self.validated),)
-                answered = yield FallbackCall(step, [i], d.x, args, False)
-                if not self._answered_row(step, i, answered, batch_guard):
-                    still.append(i)
-            waiting = still
-        for i in waiting:
-            self.finish_row(i, self.pending[i], None, None)
-
-    def _answered_row(
-        self, step: FallbackStep, i: int, answered: Answered, batch_guard: bool
-    ) -> bool:
-        d, guard = self.pending[i], self.guard
-        value, error = answered.value, answered.error
-        if error is None and batch_guard and isinstance(step, ModelStep) and not step.batch:
-            try:
-                (value,) = value.tolist() if isinstance(value, np.ndarray) else value
-            except (TypeError, ValueError) as exc:  # not one answer for the one row
-                error = exc
-        if error is not None:
-            guard._fallback_failed(d, step, error, answered.latency)
-            return False
-        if not guard._fallback_ok(d, step, value, answered.latency):
-            return False
-        self.finish_row(i, d, value, step.name)
-        return True
-
-    def _answered_batch(self, step: FallbackStep, rows: list[int], answered: Answered) -> list[int]:
-        """The rows a batch fallback did not serve: all of them when the call failed, else
-        those it answered with None, a non-finite value or too little confidence."""
-        guard, latency = self.guard, answered.latency
-        value, error = answered.value, answered.error
-        if error is None:
-            value = value.to_numpy() if hasattr(value, "to_numpy") else value
-            try:
-                count = len(value)
-            except TypeError:
-                count = -1
-            if count != len(rows):
-                error = NoAnswer(f"{count} answers for {len(rows)} rows")
-        if error is not None:
-            for i in rows:
-                guard._fallback_failed(self.pending[i], step, error, latency)
-            return rows
-        still = []
-        for j, i in enumerate(rows):
-            d = self.pending[i]
-            answer = as_plain(value[j])
-            if answer is None or first_non_finite(answer) is not None:
-                missing = "no answer" if answer is None else "a non-finite answer"
-                guard._fallback_failed(d, step, NoAnswer(f"{missing} for this row"), latency)
-                still.append(i)
-            elif guard._fallback_ok(d, step, answer, latency):
-                self.finish_row(i, d, answer, step.name)
-            else:
-                still.append(i)
-        return still
-
-    def finish_row(self, i: int, d: Degradation, value: Any, served_by: str | None) -> None:
-        self.fixed[i] = value
-        self.served_by[i] = served_by
-        self.degraded[i] = True
-        self._record(i, d, value, served_by)
-        self.guard._count(served_by, [r.code for r in d.reasons], failed=served_by is None)
-
-    def _record(self, i: int, d: Degradation, value: Any, served_by: str | None) -> None:
-        p = self.p
-        record = Record(
-            self.guard.name,
-            p.policy.owner,
-            p.policy.model_version,
-            served_by,
-            not d.flagged,
-            d.flagged,
-            d.reasons,
-            d.attempts,
-            d.confidence,
-            d.state,
-            ms(perf_counter() - self.t0),
-        )
-        record.row, record.batch_id = i, self.batch_id
-        self.records[i] = record
-        self.guard._emit(p, record, d.x, value, logged=True)
 
     def outcome(self) -> BatchOutcome:
         for i in self.rejected:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import threading
 import time
 import tracemalloc
 from typing import Any
@@ -711,3 +712,198 @@ class TestBatchFallbacks:
         assert any("`batch` belongs to a model fallback" in p for p in info.value.problems)
         schema = json.dumps(file_json_schema())
         assert "predict.batch's rows in one call" in schema
+
+
+class TestBulkheadAndTimeBudget:
+    """A batch's primary call takes a `max_concurrent` slot and runs within `timeout_s`."""
+
+    def test_with_the_slot_taken_every_row_degrades_overloaded(self) -> None:
+        model = Model()
+        started, release = threading.Event(), threading.Event()
+
+        def slow(batch: Any) -> np.ndarray:
+            started.set()
+            release.wait(5)
+            return model(batch)
+
+        predict = batch_guard(None, slow, max_concurrent=1)
+        first: list[Any] = []
+        busy = threading.Thread(
+            target=lambda: first.append(call_batch(predict, [KINDS["valid"]] * 2, "array"))
+        )
+        busy.start()
+        try:
+            assert started.wait(5)
+            out = call_batch(predict, [KINDS["valid"]] * 3, "records")
+        finally:
+            release.set()
+            busy.join(5)
+        assert out.served_by == ["default"] * 3
+        assert {d.reasons[0].code for d in out.decisions} == {"overloaded"}
+        assert first[0].served_by == ["primary"] * 2
+        assert model.calls == [2]
+        # the slot is back once the first batch is done
+        assert call_batch(predict, [KINDS["valid"]], "array").served_by == ["primary"]
+
+    def test_a_batch_waits_up_to_max_wait_s_for_a_slot(self) -> None:
+        started, release = threading.Event(), threading.Event()
+        model = Model()
+
+        def slow(batch: Any) -> np.ndarray:
+            started.set()
+            release.wait(5)
+            return model(batch)
+
+        predict = batch_guard(None, slow, max_concurrent=1, max_wait_s=5.0)
+        busy = threading.Thread(target=lambda: call_batch(predict, [KINDS["valid"]], "array"))
+        busy.start()
+        try:
+            assert started.wait(5)
+            threading.Timer(0.05, release.set).start()
+            out = call_batch(predict, [KINDS["valid"]] * 2, "array")
+        finally:
+            release.set()
+            busy.join(5)
+        assert out.served_by == ["primary"] * 2
+
+    def test_rows_not_served_in_time_degrade_with_timeout(self) -> None:
+        release = threading.Event()
+
+        def hangs(batch: Any) -> np.ndarray:
+            release.wait(5)
+            return Model()(batch)
+
+        predict = batch_guard(None, hangs, timeout_s=0.2)
+        t = time.perf_counter()
+        try:
+            out = call_batch(predict, [KINDS["valid"]] * 4, "array")
+        finally:
+            release.set()
+        assert time.perf_counter() - t < 2.0
+        assert out.served_by == ["default"] * 4
+        assert {d.reasons[0].code for d in out.decisions} == {"timeout"}
+        assert predict.breaker.figures()["timeouts"] == 1
+
+    def test_the_time_budget_bounds_the_bisection(self) -> None:
+        model = Model()
+
+        def slow(batch: Any) -> np.ndarray:
+            time.sleep(0.1)
+            return model(batch)
+
+        n = 256
+        rows = [KINDS["valid"]] * n
+        rows[200] = KINDS["poison"]
+        predict = batch_guard(None, slow, timeout_s=0.35)
+        t = time.perf_counter()
+        out = call_batch(predict, rows, "array")
+        elapsed = time.perf_counter() - t
+        assert elapsed < 1.2, f"{elapsed:.2f} s: bisection ran past the 0.35 s budget"
+        assert len(model.calls) < 1 + 2 * math.ceil(math.log2(n))  # it stopped early
+        assert out.served_by[200] == "default"
+        assert all(s in ("primary", "default") for s in out.served_by)
+        codes = {d.reasons[0].code for d in out.decisions}
+        assert "timeout" in codes
+        check_records_match(out)
+
+    def test_a_timed_out_call_keeps_its_slot_until_it_really_ends(self) -> None:
+        release, ended = threading.Event(), threading.Event()
+
+        def hangs(batch: Any) -> np.ndarray:
+            release.wait(5)
+            ended.set()
+            return Model()(batch)
+
+        predict = batch_guard(None, hangs, timeout_s=0.1, max_concurrent=1)
+        try:
+            first = call_batch(predict, [KINDS["valid"]], "array")
+            second = call_batch(predict, [KINDS["valid"]], "array")
+        finally:
+            release.set()
+        assert first.decisions[0].reasons[0].code == "timeout"
+        assert second.decisions[0].reasons[0].code == "overloaded"
+        assert ended.wait(5)
+        served: list[str | None] = []
+        deadline = time.monotonic() + 5  # the worker frees the slot right after the call ends
+        while served != ["primary"] and time.monotonic() < deadline:
+            served = call_batch(predict, [KINDS["valid"]], "array").served_by
+        assert served == ["primary"]
+
+    def test_async_timeout_and_bulkhead(self) -> None:
+        model = Model()
+        gate = asyncio.Event()
+
+        async def slow(batch: Any) -> np.ndarray:
+            await gate.wait()
+            return model(batch)
+
+        async def scenario() -> tuple[Any, Any, Any]:
+            predict = batch_guard(None, slow, max_concurrent=1, timeout_s=0.3)
+            first = asyncio.ensure_future(call_batch(predict, [KINDS["valid"]] * 2, "array"))
+            await asyncio.sleep(0.05)
+            second = await call_batch(predict, [KINDS["valid"]], "records")
+            timed_out = await first
+            gate.set()
+            served = await call_batch(predict, [KINDS["valid"]] * 2, "array")
+            return timed_out, second, served
+
+        t = time.perf_counter()
+        timed_out, second, served = asyncio.run(scenario())
+        assert time.perf_counter() - t < 2.0
+        assert timed_out.served_by == ["default"] * 2
+        assert {d.reasons[0].code for d in timed_out.decisions} == {"timeout"}
+        assert [d.reasons[0].code for d in second.decisions] == ["overloaded"]
+        assert served.served_by == ["primary"] * 2
+
+
+class TestSampledRows:
+    """Sampled healthy rows are recorded with their row index and the batch id."""
+
+    def test_a_batch_guard_records_a_sample_of_healthy_rows(self) -> None:
+        lines: list[dict[str, Any]] = []
+        log = ss.DecisionLogConfig(sink=lines.append, sample_rate=1.0)
+        predict = batch_guard(None, Model(), log=log)
+        out = call_batch(predict, [KINDS["valid"], KINDS["poison"], KINDS["valid"]], "array")
+        ss.flush_logs()
+        decisions = [r for r in lines if r.get("kind") == "decision"]
+        assert sorted((r["row"], r["served_by"], r["degraded"]) for r in decisions) == [
+            (0, "primary", False),
+            (1, "default", True),
+            (2, "primary", False),
+        ]
+        assert {r["batch_id"] for r in decisions} == {out.batch_id}
+
+    @pytest.mark.parametrize("is_async", [False, True])
+    def test_a_plain_guard_stamps_every_record_it_writes(
+        self, baseline: ss.Baseline, is_async: bool
+    ) -> None:
+        lines: list[dict[str, Any]] = []
+
+        def model(x: dict[str, float]) -> list[float]:
+            return [x["a"], 1 - x["a"]]
+
+        async def model_async(x: dict[str, float]) -> list[float]:
+            return model(x)
+
+        predict = ss.guard(
+            name=f"plain-{time.monotonic_ns()}",
+            validation=ss.ValidationConfig(baseline=baseline),
+            fallbacks=[ss.Fallback.static("default", FALLBACK)],
+            log=ss.DecisionLogConfig(sink=lines.append, sample_rate=1.0),
+        )(model_async if is_async else model)
+        rows = [dict(zip(NAMES, KINDS[k], strict=True)) for k in ("valid", "invalid", "valid")]
+        if is_async:
+            out = asyncio.run(predict.batch(rows))
+            asyncio.run(predict(rows[0]))
+        else:
+            out = predict.batch(rows)
+            predict(rows[0])  # outside the batch: no row, no batch id
+        ss.flush_logs()
+        decisions = [r for r in lines if r.get("kind") == "decision"]
+        assert [(r["row"], r["batch_id"], r["served_by"]) for r in decisions] == [
+            (0, out.batch_id, "primary"),
+            (1, out.batch_id, "default"),
+            (2, out.batch_id, "primary"),
+            (None, None, "primary"),
+        ]
+        assert [d.row for d in predict.decisions()] == [0, 1, 2, None]

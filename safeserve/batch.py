@@ -64,6 +64,7 @@ def _drive(plan: Generator[Sent, Got, None], run: Callable[[Sent], Got]) -> None
 
 
 def _call_sync(b: BatchRun, call: Call) -> Tried | RawReason:
+    batch = b.rows.take(call.idx, b.validated)
     permit = b.admit()
     if permit == REJECTED:
         return _BREAKER_OPEN
@@ -71,7 +72,6 @@ def _call_sync(b: BatchRun, call: Call) -> Tried | RawReason:
     if p.bulkhead is not None and not p.enter_bulkhead():
         guard.breaker.release(permit)
         return _NO_SLOT
-    batch = b.rows.take(call.idx, b.validated)
     t = perf_counter()
     try:
         try:
@@ -159,6 +159,7 @@ async def run_batch_async(guard: Guard, rows: Any, feature_names: list[str] | No
 
 
 async def _call_async(b: BatchRun, call: Call) -> Tried | RawReason:
+    batch = b.rows.take(call.idx, b.validated)
     permit = b.admit()
     if permit == REJECTED:
         return _BREAKER_OPEN
@@ -166,7 +167,6 @@ async def _call_async(b: BatchRun, call: Call) -> Tried | RawReason:
     if p.bulkhead is not None and not p.enter_bulkhead(may_block=False):
         guard.breaker.release(permit)
         return _NO_SLOT
-    batch = b.rows.take(call.idx, b.validated)
     t = perf_counter()
     try:
         value = await _within(p.fn(batch), p.attempt_limit(b.deadline))

@@ -907,3 +907,16 @@ class TestSampledRows:
             (None, None, "primary"),
         ]
         assert [d.row for d in predict.decisions()] == [0, 1, 2, None]
+
+
+def test_check_finite_off_serves_nan_answers_from_the_primary() -> None:
+    """`Policy.check_finite=False` holds for batches too: a NaN answer is served, not checked."""
+    predict = ss.guard(
+        name=f"batch-{time.monotonic_ns()}",
+        batch=True,
+        check_finite=False,
+        fallbacks=[ss.Fallback.static("default", FALLBACK)],
+    )(Model())
+    out = call_batch(predict, [KINDS["valid"], KINDS["nan"]], "array")
+    assert out.served_by == ["primary", "primary"]
+    assert math.isnan(out.values[1][0])

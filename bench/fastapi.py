@@ -1,23 +1,32 @@
 """SafeServeMiddleware's cost under load: the same endpoint served bare and guarded by uvicorn.
 
-Each variant runs in its own uvicorn process on loopback (uvloop and httptools when installed);
-a raw-socket HTTP/1.1 keep-alive load generator in this process sends the same bounded number of
-requests at a fixed concurrency, in alternating rounds so drift hits every variant alike. Prints
-throughput and latency percentiles per variant and the ratios against bare (targets: throughput
->= 95 %, p99 at most +0.2 ms).
+Each variant runs in its own uvicorn process on loopback (uvloop and httptools when installed).
+A lean load generator in this process (an asyncio Protocol per keep-alive connection, one
+request in flight on each) sends the same number of requests to every variant in rounds; the
+order of the variants alternates from round to round (ABC, CBA, ...) so drift and the noise of
+a shared machine hit every variant alike. Each round gives a throughput, latency percentiles
+and the server's own CPU time per request (from /proc, so the load generator's cost is not in
+it); the table shows the median over rounds, and the ratios against bare are paired per round
+(targets: throughput >= 95 %, p99 at most +0.2 ms).
 
-    python bench/fastapi.py [--requests 20000] [--concurrency 32] [--rounds 4]
+    python bench/fastapi.py [--requests 40000] [--concurrency 32] [--rounds 8] [--quick]
 """
 
 import os
 import sys
+from pathlib import Path
 
-# This file is named fastapi.py: keep its directory off sys.path so `import fastapi` is the library.
+# This file is named fastapi.py: keep its directory off sys.path so `import fastapi` is the
+# library, and measure the safeserve of this checkout.
 _here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+_root = str(Path(_here).parent)
+if _root not in sys.path:
+    sys.path.insert(0, _root)
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
@@ -27,8 +36,8 @@ from typing import Any  # noqa: E402
 
 VARIANTS = {
     "bare": "no middleware",
-    "guarded": "SafeServeMiddleware: breaker + rules fallback",
-    "guarded+timeout": "same, plus timeout_s=1.0 (endpoint run as its own task)",
+    "guarded": "SafeServeMiddleware: breaker + static fallback",
+    "guarded+timeout": "same, plus timeout_s=1.0",
 }
 BODY = json.dumps({"amount": 12.5, "merchant": "shop-17", "country": "DE"}).encode()
 REQUEST = (
@@ -84,8 +93,10 @@ def start_server(variant: str) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     args = [sys.executable, os.path.abspath(__file__), "--serve", variant, "--port", str(port)]
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server for {variant} exited with {proc.returncode}")
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             return proc, port
@@ -95,30 +106,90 @@ def start_server(variant: str) -> tuple[subprocess.Popen[bytes], int]:
     raise RuntimeError(f"server for {variant} did not start")
 
 
-async def _client(port: int, count: int, latencies: list[float]) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    perf = time.perf_counter
+def cpu_seconds(pid: int) -> float:
+    """CPU time used so far by all threads of process `pid` (Linux schedstat, in ns)."""
+    total = 0
     try:
-        for _ in range(count):
-            t = perf()
-            writer.write(REQUEST)
-            head = await reader.readuntil(b"\r\n\r\n")
-            if not head.startswith(b"HTTP/1.1 200"):
-                raise RuntimeError(f"unexpected response: {head[:60]!r}")
-            start = head.lower().index(b"content-length:") + 15
-            length = int(head[start : head.index(b"\r\n", start)])
-            await reader.readexactly(length)
-            latencies.append(perf() - t)
-    finally:
-        writer.close()
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+    except OSError:
+        return float("nan")
+    return total / 1e9
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection sending `count` requests back to back, timing each."""
+
+    def __init__(self, count: int, latencies: list[float], done: asyncio.Future[None]) -> None:
+        self.left = count
+        self.latencies = latencies
+        self.done = done
+        self.buffer = b""
+        self.need = -1  # bytes of the current response, once its head has arrived
+        self.t = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+        self.send()
+
+    def send(self) -> None:
+        self.t = time.perf_counter()
+        self.transport.write(REQUEST)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer + data if self.buffer else data
+        while True:
+            if self.need < 0:
+                end = buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    break
+                head = buffer[:end].lower()
+                if not head.startswith(b"http/1.1 200"):
+                    self.fail(RuntimeError(f"unexpected response: {head[:60]!r}"))
+                    return
+                start = head.index(b"content-length:") + 15
+                self.need = end + 4 + int(head[start : head.index(b"\r\n", start)])
+            if len(buffer) < self.need:
+                break
+            self.latencies.append(time.perf_counter() - self.t)
+            buffer = buffer[self.need :]
+            self.need = -1
+            self.left -= 1
+            if self.left == 0:
+                self.transport.close()
+                if not self.done.done():
+                    self.done.set_result(None)
+                return
+            self.send()
+        self.buffer = buffer
+
+    def fail(self, exc: Exception) -> None:
+        self.transport.close()
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.left and not self.done.done():
+            self.done.set_exception(exc or ConnectionError("closed by the server"))
 
 
 async def load(port: int, requests: int, concurrency: int) -> tuple[float, list[float]]:
     """Send `requests` requests over `concurrency` connections: (seconds, latencies)."""
+    loop = asyncio.get_running_loop()
     latencies: list[float] = []
-    per = requests // concurrency
+    per = [requests // concurrency + (i < requests % concurrency) for i in range(concurrency)]
+    dones = [loop.create_future() for _ in per]
+    # connect first, then start every connection at once: the clock sees requests only
+    conns = []
+    for count, done in zip(per, dones, strict=True):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conns.append((sock, count, done))
     t0 = time.perf_counter()
-    await asyncio.gather(*(_client(port, per, latencies) for _ in range(concurrency)))
+    for sock, count, done in conns:
+        await loop.create_connection(lambda c=count, d=done: Connection(c, latencies, d), sock=sock)
+    await asyncio.gather(*dones)
     return time.perf_counter() - t0, latencies
 
 
@@ -126,53 +197,89 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000)[int(q * 1000) - 1]
 
 
+def measure(
+    loop: asyncio.AbstractEventLoop, proc: subprocess.Popen[bytes], port: int, n: int, conc: int
+) -> dict[str, float]:
+    """One round against one server: req/s, p50/p99 in ms, server CPU µs per request."""
+    gc.collect()
+    gc.disable()  # the load generator's own pauses would land on whichever variant runs
+    try:
+        cpu0, own0 = cpu_seconds(proc.pid), time.process_time()
+        seconds, lat = loop.run_until_complete(load(port, n, conc))
+        cpu, own = cpu_seconds(proc.pid) - cpu0, time.process_time() - own0
+    finally:
+        gc.enable()
+    return {
+        "rps": len(lat) / seconds,
+        "p50": percentile(lat, 0.50) * 1e3,
+        "p99": percentile(lat, 0.99) * 1e3,
+        "cpu_us": cpu / len(lat) * 1e6,
+        "client_us": own / len(lat) * 1e6,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=20000, help="per variant, all rounds")
+    parser.add_argument("--requests", type=int, default=40000, help="per variant, all rounds")
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="12k requests in 4 rounds")
     parser.add_argument("--serve", choices=list(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve(args.serve, args.port)
         return
+    if args.quick:
+        args.requests, args.rounds = 12000, 4
     try:
         import uvloop
 
-        uvloop.install()
+        loop = uvloop.new_event_loop()
     except ImportError:
-        pass
+        loop = asyncio.new_event_loop()
     servers = {v: start_server(v) for v in VARIANTS}
-    elapsed = dict.fromkeys(VARIANTS, 0.0)
-    latencies: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    rounds: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
     per_round = args.requests // args.rounds
+    order = list(VARIANTS)
     try:
-        for _, port in servers.values():  # warm-up: connections, imports, caches
-            asyncio.run(load(port, 2000, args.concurrency))
-        for _ in range(args.rounds):
-            for v, (_, port) in servers.items():
-                seconds, lat = asyncio.run(load(port, per_round, args.concurrency))
-                elapsed[v] += seconds
-                latencies[v] += lat
+        for v in order:  # warm-up: connections, imports, caches, the breaker's window
+            measure(loop, *servers[v], 3000, args.concurrency)
+        for i in range(args.rounds):
+            for v in order if i % 2 == 0 else order[::-1]:
+                rounds[v].append(measure(loop, *servers[v], per_round, args.concurrency))
     finally:
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait(timeout=10)
+        loop.close()
+    client = statistics.median(x["client_us"] for r in rounds.values() for x in r)
     print(
-        f"{args.requests} requests per variant, concurrency {args.concurrency}, "
-        f"{args.rounds} alternating rounds, {os.cpu_count()} CPUs"
+        f"{per_round * args.rounds} requests per variant at concurrency {args.concurrency}, "
+        f"{args.rounds} rounds in alternating order, {os.cpu_count()} CPUs; medians over rounds; "
+        f"the load generator used {client:.1f} µs of CPU per request"
     )
-    base_rps = len(latencies["bare"]) / elapsed["bare"]
-    base_p99 = percentile(latencies["bare"], 0.99)
+    bare = rounds["bare"]
     for v, what in VARIANTS.items():
-        lat = latencies[v]
-        rps = len(lat) / elapsed[v]
-        p50, p99 = percentile(lat, 0.50) * 1e3, percentile(lat, 0.99) * 1e3
-        line = f"{v:16} {rps:9.0f} req/s  p50 {p50:6.3f} ms  p99 {p99:6.3f} ms"
+        r = rounds[v]
+
+        def med(key: str, r: list[dict[str, float]] = r) -> float:
+            return statistics.median(x[key] for x in r)
+
+        line = (
+            f"{v:16} {med('rps'):7.0f} req/s  p50 {med('p50'):6.3f} ms  p99 {med('p99'):6.3f} ms"
+            f"  server {med('cpu_us'):5.1f} µs/req"
+        )
         if v != "bare":
-            delta = p99 - base_p99 * 1e3
-            line += f"  throughput {rps / base_rps:6.1%} of bare  p99 {delta:+.3f} ms"
+            ratios = [g["rps"] / b["rps"] for g, b in zip(r, bare, strict=True)]
+            deltas = [g["p99"] - b["p99"] for g, b in zip(r, bare, strict=True)]
+            cpu = statistics.median(g["cpu_us"] - b["cpu_us"] for g, b in zip(r, bare, strict=True))
+            line += (
+                f"\n{'':16} throughput {statistics.median(ratios):6.1%} of bare "
+                f"(rounds {min(ratios):.1%}..{max(ratios):.1%})  "
+                f"p99 {statistics.median(deltas):+.3f} ms "
+                f"(rounds {min(deltas):+.3f}..{max(deltas):+.3f})  server {cpu:+.1f} µs/req"
+            )
         print(f"{line}   ({what})")
 
 

@@ -15,6 +15,7 @@ import math
 import re
 import weakref
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Awaitable, Mapping
 from time import perf_counter
 from typing import Any
@@ -60,15 +61,17 @@ def route_latency(guard: Guard) -> LatencyHistogram | None:
 
 
 class _Route:
-    """A guarded route: the app behind it, its guard, latency histogram and body limit."""
+    """A guarded route: the app behind it, its guard, latency histogram, body limit and the
+    time budgets of its requests in flight."""
 
-    __slots__ = ("app", "guard", "latency", "max_body")
+    __slots__ = ("app", "deadlines", "guard", "latency", "max_body")
 
     def __init__(self, app: ASGIApp, guard: Guard, max_body: int) -> None:
         self.app = app
         self.guard = guard
         self.latency = _latencies.setdefault(guard, LatencyHistogram())
         self.max_body = max_body
+        self.deadlines: dict[asyncio.AbstractEventLoop, _Deadlines] = {}
 
 
 def _guard_for(target: Policy | Guard, path: str) -> Guard:
@@ -105,6 +108,10 @@ def _add_headers(message: Message, extra: list[tuple[bytes, bytes]]) -> None:
 
 async def _dropped() -> None:
     """What `send` awaits for a message the middleware drops."""
+
+
+def _timeout(budget: float | None) -> AttemptTimeout:
+    return AttemptTimeout(f"no response within {(budget or 0) * 1000:.0f} ms")
 
 
 def _noted_headers(noted: Noted) -> list[tuple[bytes, bytes]]:
@@ -147,21 +154,23 @@ class SafeServeMiddleware:
         self.pattern = re.compile("|".join(patterns)) if patterns else None
         self.guards = [r.guard for r in (*self.exact.values(), *self.templated)]
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        route = self.exact.get(scope["path"])
-        if route is None and self.pattern is not None:
-            match = self.pattern.fullmatch(scope["path"])
-            if match is not None and match.lastgroup is not None:
-                route = self.templated[int(match.lastgroup[1:])]
-        if route is not None:
-            await _Responder(route, receive, send).serve(scope)
-        elif self.annotate_unlisted:
-            await _annotated(self.app, scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+    # A plain function returning the awaitable that serves the request: a request costs one
+    # coroutine (the route's, or the app's own), not one more for the middleware.
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        if scope["type"] == "http":
+            route = self.exact.get(scope["path"])
+            if route is None and self.pattern is not None:
+                match = self.pattern.fullmatch(scope["path"])
+                if match is not None and match.lastgroup is not None:
+                    route = self.templated[int(match.lastgroup[1:])]
+            if route is not None:
+                return _Responder(route, receive, send).serve(scope)
+            if self.annotate_unlisted:
+                return _annotated(self.app, scope, receive, send)
+        return self.app(scope, receive, send)
+
+    # ASGI servers tell ASGI 3 apps by `asyncio.iscoroutinefunction(app.__call__)`
+    __call__._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
 
 
 async def _annotated(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
@@ -180,6 +189,67 @@ async def _annotated(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -
         _outcomes.reset(token)
 
 
+class _Deadlines:
+    """The time budgets of one route's requests in flight on one event loop.
+
+    One timer per route, not one per request: requests join a queue in arrival order and leave
+    it once their response has started or their endpoint has ended; the timer wakes at the
+    oldest request's deadline. A route's budget is the same for every request, so the queue is
+    in deadline order (until a hot reload changes the budget: then a request may expire late
+    by at most the difference).
+    """
+
+    __slots__ = ("compact_at", "loop", "pending", "timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending: deque[_Responder] = deque()
+        self.timer: asyncio.TimerHandle | None = None
+        self.compact_at = 64
+
+    def watch(self, r: _Responder, timeout_s: float) -> None:
+        """Expire `r` at `r.t0 + timeout_s` unless its response has started by then."""
+        r.deadline = r.t0 + timeout_s
+        pending = self.pending
+        while pending and pending[0].settled:
+            pending.popleft()
+        if len(pending) >= self.compact_at:  # a slow request at the head holds the rest
+            self.pending = pending = deque(q for q in pending if not q.settled)
+            self.compact_at = max(64, 2 * len(pending))
+        pending.append(r)
+        if self.timer is None:
+            self.timer = self.loop.call_later(timeout_s, self.check)
+
+    def check(self) -> None:
+        self.timer = None
+        pending = self.pending
+        now = perf_counter() + _TIMER_SLACK_S
+        while pending:
+            r = pending[0]
+            if not r.settled:
+                if r.deadline > now:
+                    self.timer = self.loop.call_later(r.deadline - now, self.check)
+                    return
+                r.expire()
+            pending.popleft()
+
+
+# The loop's timers may fire up to a millisecond early (its clock resolution): a deadline that
+# close counts as reached, as asyncio's own timers do.
+_TIMER_SLACK_S = 0.001
+
+
+def _deadlines(route: _Route) -> _Deadlines:
+    """The route's deadline queue on the running loop (a new loop gets a new queue)."""
+    loop = asyncio.get_running_loop()
+    d = route.deadlines.get(loop)
+    if d is None:
+        for old in [lp for lp in route.deadlines if lp.is_closed()]:
+            del route.deadlines[old]
+        d = route.deadlines[loop] = _Deadlines(loop)
+    return d
+
+
 class _Responder:
     """One guarded request: admission, the endpoint under its time budget, else a fallback.
 
@@ -189,15 +259,16 @@ class _Responder:
 
     started = False  # a response start went out: the endpoint's answer stands
     closed = False  # the endpoint's messages are dropped from now on
+    settled = False  # started or closed: the time budget no longer applies
     expired = False  # the time budget ran out before the response started
+    cancelled = False  # the request's task was cancelled at the deadline
     failed_status = 0
     permit = 0
     chunks: list[bytes] | None = None  # the request body as read so far, for a fallback
     body_size = 0
     body_done = False
-    decided: asyncio.Future[None] | None = None
-    timer: asyncio.TimerHandle | None = None
-    task: asyncio.Future[None] | None = None
+    deadline = 0.0
+    task: asyncio.Task[Any] | None = None
 
     def __init__(self, route: _Route, receive: Receive, send: Send) -> None:
         self.route = route
@@ -224,27 +295,34 @@ class _Responder:
                     return
             self.permit = permit
             failure: Exception | None = None
+            budget = p.timeout_s
             try:
-                if p.timeout_s is None:
-                    await self.route.app(scope, self.receive_tee, self.send_checked)
-                else:
-                    await self.call_within(scope, p.timeout_s)
-                if not self.started:
-                    failure = EndpointError(
-                        f"HTTP {self.failed_status}"
-                        if self.failed_status
-                        else "the endpoint returned without a response"
-                    )
+                if budget is not None:
+                    self.task = asyncio.current_task()
+                    _deadlines(self.route).watch(self, budget)
+                await self.route.app(scope, self.receive_tee, self.send_checked)
             except asyncio.CancelledError:
-                guard.breaker.release(permit)  # the client or server went away: no outcome
-                raise
+                if not self.timed_out():
+                    guard.breaker.release(permit)  # the client or server went away: no outcome
+                    raise
+                failure = _timeout(budget)
             except Exception as exc:
                 if self.started:
                     raise  # a streamed response failed midway: too late for a fallback
                 failure = exc
             finally:
+                self.closed = self.settled = True
                 if p.bulkhead is not None:
                     p.bulkhead.release()
+            if not self.started and failure is None:
+                if self.timed_out():  # the endpoint swallowed the cancellation
+                    failure = _timeout(budget)
+                else:
+                    failure = EndpointError(
+                        f"HTTP {self.failed_status}"
+                        if self.failed_status
+                        else "the endpoint returned without a response"
+                    )
             latency = perf_counter() - self.t0
             histogram = self.route.latency
             histogram.counts[bisect_left(LATENCY_BUCKETS, latency)] += 1
@@ -260,41 +338,27 @@ class _Responder:
         finally:
             _outcomes.reset(token)
 
-    async def call_within(self, scope: Scope, timeout_s: float) -> None:
-        """Run the endpoint in its own task, abandoned if it has not started its response by
-        the deadline (a sync endpoint's thread cannot be interrupted, only left behind)."""
-        loop = asyncio.get_running_loop()
-        self.decided = decided = loop.create_future()
-        endpoint = self.route.app(scope, self.receive_tee, self.send_checked)
-        self.task = task = asyncio.ensure_future(endpoint, loop=loop)  # apps return coroutines
-        task.add_done_callback(self._ended)
-        self.timer = loop.call_later(timeout_s, self._expire)
-        try:
-            await decided  # set when the endpoint ends, or at the deadline
-        except asyncio.CancelledError:
+    def expire(self) -> None:
+        """The deadline passed before the response started: drop the endpoint's messages and
+        cancel it where it waits (a sync endpoint's thread cannot be interrupted, only left
+        behind); `serve` then answers from a fallback."""
+        if self.settled:
+            return
+        self.expired = self.closed = self.settled = True
+        task = self.task
+        if task is not None and not task.done() and not task.cancelling():
+            self.cancelled = True
             task.cancel()
-            raise
-        finally:
-            if self.timer is not None:
-                self.timer.cancel()
-        if self.expired:
-            raise AttemptTimeout(f"no response within {timeout_s * 1000:.0f} ms")
-        task.result()
 
-    def _expire(self) -> None:
-        if not self.started and self.task is not None:
-            self.expired = self.closed = True
-            self.task.cancel()
-            self._decide()
-
-    def _ended(self, task: asyncio.Future[None]) -> None:
-        if not task.cancelled():
-            task.exception()  # an abandoned endpoint's error is seen here, not logged as lost
-        self._decide()
-
-    def _decide(self) -> None:
-        if self.decided is not None and not self.decided.done():
-            self.decided.set_result(None)
+    def timed_out(self) -> bool:
+        """Whether the endpoint ended because of the deadline (consumes our cancellation)."""
+        if not self.expired:
+            return False
+        if not self.cancelled:
+            return True
+        self.cancelled = False
+        # another cancellation pending (the client went away) wins over the timeout
+        return self.task is not None and self.task.uncancel() == 0
 
     async def receive_tee(self) -> Message:
         """The request, as read by the endpoint; its body is kept for a fallback."""
@@ -330,13 +394,9 @@ class _Responder:
         status = message["status"]
         if status >= 500:
             self.failed_status = status
-            self.closed = True
-            self._decide()
+            self.closed = self.settled = True
             return _dropped()
-        self.started = True
-        if self.timer is not None:
-            self.timer.cancel()  # the answer has begun: the time budget no longer applies
-            self.timer = None
+        self.started = self.settled = True  # the answer has begun: no time budget from here
         guard = self.route.guard
         breaker = guard.breaker
         if status >= 400:  # a 4xx is the endpoint's answer, neither success nor failure

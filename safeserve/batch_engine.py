@@ -184,49 +184,57 @@ class BatchRun(FallbackWalk):
             self._degrade_all(idx, reason, attempts)
             return
         good = self._check_answers(idx, value, state, attempts)
-        self.segments.append((idx[good], value, good))
-        self.healthy_rows(idx[good], value, good, tried)
+        if good is None:  # every answer passed: no index arrays to gather
+            served, good = idx, np.arange(len(idx), dtype=_INDEX)
+        else:
+            served = idx[good]
+        self.segments.append((served, value, good))
+        self.healthy_rows(served, value, good, tried)
 
     def _check_answers(
         self, idx: np.ndarray, value: Any, state: str, attempts: list[RawAttempt]
-    ) -> np.ndarray:
-        """Positions (into `idx`) whose answer is finite and confident enough."""
+    ) -> np.ndarray | None:
+        """Positions (into `idx`) whose answer is finite and confident enough (None: all)."""
         p = self.p
         n = len(idx)
-        ok = np.ones(n, dtype=bool)
         bad_output: dict[int, RawReason] = {}
         if not p.check_finite and p.output_schema is None:
             pass  # nothing to check in an answer
         elif isinstance(value, np.ndarray) and value.dtype.kind in "fc" and p.output_schema is None:
             # one reduction says "all finite" (a sum overflowing to inf only costs the slow way)
-            clean = not n or bool(np.isfinite(value.sum()))
-            finite = ok if clean else np.isfinite(value.reshape(n, -1)).all(axis=1)
-            for j in np.flatnonzero(~finite).tolist():
-                bad_output[j] = RawReason("invalid_output", "output", "non-finite at $[...]")
+            if n and not np.isfinite(value.sum()):
+                finite = np.isfinite(value.reshape(n, -1)).all(axis=1)
+                for j in np.flatnonzero(~finite).tolist():
+                    bad_output[j] = RawReason("invalid_output", "output", "non-finite at $[...]")
         elif not (isinstance(value, np.ndarray) and value.dtype.kind in "iub"):
             for j in range(n):
                 reason = p.output_check(value[j])
                 if reason is not None:
                     bad_output[j] = reason
+        dropped = list(bad_output)
         for j, reason in bad_output.items():
-            ok[j] = False
             self._degrade(int(idx[j]), state, reason, attempts)
         check = p.confidence
-        if check is None:
-            return np.flatnonzero(ok)
-        read = _confidences(value, n, check.extract)
-        if read is None:
-            return np.flatnonzero(ok)
-        conf, seen = read
-        for j in np.flatnonzero(ok & seen & ~(conf >= check.threshold)).tolist():
-            c = float(conf[j])
-            reason = check.judge(c)
-            i = int(idx[j])
-            if not check.degrades and reason.code == "low_confidence":
-                self.notices.setdefault(i, []).append(reason)
-                continue
-            ok[j] = False
-            self._degrade(i, state, reason, attempts, None if math.isnan(c) else c)
+        read = _confidences(value, n, check.extract) if check is not None else None
+        if check is not None and read is not None:
+            conf, seen = read
+            sure = conf >= check.threshold  # False for NaN too
+            low = [] if sure.all() else np.flatnonzero(~sure).tolist()
+            for j in low:
+                if j in bad_output or (seen is not None and not seen[j]):
+                    continue
+                c = float(conf[j])
+                reason = check.judge(c)
+                i = int(idx[j])
+                if not check.degrades and reason.code == "low_confidence":
+                    self.notices.setdefault(i, []).append(reason)
+                    continue
+                dropped.append(j)
+                self._degrade(i, state, reason, attempts, None if math.isnan(c) else c)
+        if not dropped:
+            return None
+        ok = np.ones(n, dtype=bool)
+        ok[dropped] = False
         return np.flatnonzero(ok)
 
     def healthy_rows(self, idx: np.ndarray, answers: Any, pos: np.ndarray, tried: Tried) -> None:
@@ -326,8 +334,9 @@ def _failure_reason(error: Exception) -> RawReason:
 
 def _confidences(
     value: Any, n: int, extract: Callable[[Any], float | None]
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """Each row's confidence and whether one was read; vectorized for probability arrays."""
+) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """Each row's confidence and whether one was read (None: for every row); vectorized for
+    probability arrays."""
     if extract is auto_extract and isinstance(value, np.ndarray):
         if value.dtype.kind not in "fiu" or not n:
             return None
@@ -338,7 +347,7 @@ def _confidences(
             conf = conf.max(axis=-1)
         while conf.ndim > 1:
             conf = conf.min(axis=-1)  # as `as_confidence`: a row is as sure as its least sure part
-        return conf, np.ones(n, dtype=bool)
+        return conf, None
     conf = np.full(n, np.nan)
     seen = np.zeros(n, dtype=bool)
     for j in range(n):

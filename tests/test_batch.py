@@ -829,6 +829,23 @@ class TestBulkheadAndTimeBudget:
             served = call_batch(predict, [KINDS["valid"]], "array").served_by
         assert served == ["primary"]
 
+    def test_a_retry_on_the_worker_pool_takes_the_slot_again(self) -> None:
+        """With a deadline the batch runs on the worker pool; a retry gets the freed slot."""
+        model = Model()
+        failures = iter([ConnectionError("blip")])
+
+        def flaky(batch: Any) -> np.ndarray:
+            for exc in failures:
+                raise exc
+            return model(batch)
+
+        retry = ss.RetryConfig(attempts=2, backoff_s=0.0, retry_on=[ConnectionError])
+        predict = batch_guard(None, flaky, retry=retry, timeout_s=5.0, max_concurrent=1)
+        out = call_batch(predict, [KINDS["valid"]] * 3, "array")
+        assert out.served_by == ["primary"] * 3
+        assert model.calls == [3]
+        assert call_batch(predict, [KINDS["valid"]], "array").served_by == ["primary"]
+
     def test_async_timeout_and_bulkhead(self) -> None:
         model = Model()
         gate = asyncio.Event()

@@ -3,8 +3,8 @@
 Run ``python bench/batch.py`` (about half a minute; ``--quick`` for a few seconds). One process:
 
 1. validation of 1M rows x 20 numeric features against a baseline (range and null checks), with
-   numpy over blocks of rows, against the same guard's checks on the same rows one call at a
-   time (measured on 10k rows and scaled) — target < 0.4 s and >= 100x;
+   numpy over blocks of rows, against guarding the same rows one call at a time (measured on
+   10k rows and scaled) — target < 0.4 s and >= 100x;
 2. `predict.batch(X)` of a `batch=True` guard (output and confidence checks on, no baseline)
    against calling the model on the same 100k-row array directly — target < 5 % overhead.
 

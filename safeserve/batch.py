@@ -1,6 +1,6 @@
 """Batches: many rows through one guard, degrading row by row (SPEC 8).
 
-Validation runs over columns with numpy; the valid rows reach a `batch=True` primary in one
+Validation runs over blocks of rows with numpy; the valid rows reach a `batch=True` primary in one
 call; invalid, non-finite, low-confidence and poison rows (found by bisection when the primary
 raises on a batch) walk the fallbacks one row at a time (a `batch=True` model fallback takes
 them in one call), each with its own decision record. A plain guard is called row by row

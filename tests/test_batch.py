@@ -615,6 +615,30 @@ class TestBatchFallbacks:
             assert [(a.name, a.ok) for a in d.attempts][-2:] == [("v2", False), ("per_row", True)]
             assert d.reasons[1].code == "fallback_failed"
 
+    def test_its_timeout_bounds_the_one_call(self) -> None:
+        release = threading.Event()
+
+        def hangs(batch: Any) -> list[list[float]]:
+            release.wait(5)
+            return [[0.8, 0.2]] * len(batch)
+
+        predict = ss.guard(
+            name=f"batch-{time.monotonic_ns()}",
+            batch=True,
+            fallbacks=[
+                ss.Fallback.model("v2", hangs, batch=True, timeout_s=0.1),
+                ss.Fallback.static("default", FALLBACK),
+            ],
+        )(Model())
+        t = time.perf_counter()
+        try:
+            out = call_batch(predict, [KINDS["poison"]] * 3, "array")
+        finally:
+            release.set()
+        assert time.perf_counter() - t < 2.0
+        assert out.served_by == ["default"] * 3
+        assert all("AttemptTimeout" in d.reasons[1].detail for d in out.decisions)
+
     def test_its_threshold_applies_per_row(self) -> None:
         def v2(batch: Any) -> np.ndarray:
             return np.array([[0.95, 0.05], [0.6, 0.4]])

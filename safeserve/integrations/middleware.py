@@ -42,13 +42,18 @@ class EndpointError(Exception):
 
 
 class LatencyHistogram:
-    """Request latencies of one guarded route, in Prometheus buckets (read at scrape time)."""
+    """Latencies of one guarded route's requests, in Prometheus buckets (read at scrape time):
+    from the request's arrival to its response start, or to the endpoint's failure."""
 
     __slots__ = ("counts", "total_s")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.total_s = 0.0
+
+    def add(self, latency_s: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, latency_s)] += 1
+        self.total_s += latency_s
 
 
 # Latency of the guards a middleware serves, for the metrics route; written at setup only.
@@ -211,10 +216,10 @@ class _Deadlines:
         """Expire `r` at `r.t0 + timeout_s` unless its response has started by then."""
         r.deadline = r.t0 + timeout_s
         pending = self.pending
-        while pending and pending[0].settled:
+        while pending and pending[0].state:
             pending.popleft()
         if len(pending) >= self.compact_at:  # a slow request at the head holds the rest
-            self.pending = pending = deque(q for q in pending if not q.settled)
+            self.pending = pending = deque(q for q in pending if not q.state)
             self.compact_at = max(64, 2 * len(pending))
         pending.append(r)
         if self.timer is None:
@@ -226,7 +231,7 @@ class _Deadlines:
         now = perf_counter() + _TIMER_SLACK_S
         while pending:
             r = pending[0]
-            if not r.settled:
+            if not r.state:
                 if r.deadline > now:
                     self.timer = self.loop.call_later(r.deadline - now, self.check)
                     return
@@ -250,25 +255,36 @@ def _deadlines(route: _Route) -> _Deadlines:
     return d
 
 
+# What happens to the endpoint's messages (`_Responder.state`).
+_WAITING = 0  # the response start is checked when it comes
+_STARTED = 1  # passed on: the endpoint's answer stands, the time budget no longer applies
+_DROPPED = 2  # dropped: a 5xx start, the deadline or the endpoint's end; a fallback answers
+
+
 class _Responder:
     """One guarded request: admission, the endpoint under its time budget, else a fallback.
 
-    State a healthy request never changes stays at the class defaults below, so creating one
-    sets five attributes.
+    A healthy request is accounted for when its response starts (`send_checked`). Slots, all
+    set here: Python 3.11 reads a slot or an instance attribute fast, a class default slowly.
     """
 
-    started = False  # a response start went out: the endpoint's answer stands
-    closed = False  # the endpoint's messages are dropped from now on
-    settled = False  # started or closed: the time budget no longer applies
-    expired = False  # the time budget ran out before the response started
-    cancelled = False  # the request's task was cancelled at the deadline
-    failed_status = 0
-    permit = 0
-    chunks: list[bytes] | None = None  # the request body as read so far, for a fallback
-    body_size = 0
-    body_done = False
-    deadline = 0.0
-    task: asyncio.Task[Any] | None = None
+    __slots__ = (
+        "body_done",
+        "body_size",
+        "cancelled",
+        "chunks",
+        "deadline",
+        "expired",
+        "failed_status",
+        "noted",
+        "permit",
+        "receive",
+        "route",
+        "send",
+        "state",
+        "t0",
+        "task",
+    )
 
     def __init__(self, route: _Route, receive: Receive, send: Send) -> None:
         self.route = route
@@ -276,10 +292,21 @@ class _Responder:
         self.send = send
         self.noted: Noted = []
         self.t0 = perf_counter()
+        self.state = _WAITING
+        self.permit = 0
+        self.chunks: list[bytes] | None = None  # the request body as read so far, for a fallback
+        self.body_size = 0
+        self.body_done = False
+        self.failed_status = 0
+        self.expired = False  # the time budget ran out before the response started
+        self.cancelled = False  # the request's task was cancelled at the deadline
+        self.deadline = 0.0
+        self.task: asyncio.Task[Any] | None = None
 
     async def serve(self, scope: Scope) -> None:
-        """Admit, run the endpoint, then record its outcome or answer from a fallback."""
-        guard = self.route.guard
+        """Admit, run the endpoint, then answer from a fallback if it did not answer."""
+        route = self.route
+        guard = route.guard
         p = guard._p
         token = _outcomes.set(self.noted)  # what context.collect() does, without its cost
         try:
@@ -294,57 +321,59 @@ class _Responder:
                     await self.fall_back(refused, None)
                     return
             self.permit = permit
-            failure: Exception | None = None
             budget = p.timeout_s
             try:
                 if budget is not None:
                     self.task = asyncio.current_task()
-                    _deadlines(self.route).watch(self, budget)
-                await self.route.app(scope, self.receive_tee, self.send_checked)
+                    _deadlines(route).watch(self, budget)
+                await route.app(scope, self.receive_tee, self.send_checked)
             except asyncio.CancelledError:
                 if not self.timed_out():
                     guard.breaker.release(permit)  # the client or server went away: no outcome
                     raise
-                failure = _timeout(budget)
+                failure: Exception = _timeout(budget)
             except Exception as exc:
-                if self.started:
+                if self.state == _STARTED:
                     raise  # a streamed response failed midway: too late for a fallback
                 failure = exc
-            finally:
-                self.closed = self.settled = True
-                if p.bulkhead is not None:
-                    p.bulkhead.release()
-            if not self.started and failure is None:
+            else:
+                if self.state == _STARTED:  # served by the endpoint, counted at its start
+                    if notices:
+                        self.served_with(notices)
+                    return
                 if self.timed_out():  # the endpoint swallowed the cancellation
                     failure = _timeout(budget)
+                elif self.failed_status:
+                    failure = EndpointError(f"HTTP {self.failed_status}")
                 else:
-                    failure = EndpointError(
-                        f"HTTP {self.failed_status}"
-                        if self.failed_status
-                        else "the endpoint returned without a response"
-                    )
+                    failure = EndpointError("the endpoint returned without a response")
+            finally:
+                if p.bulkhead is not None:
+                    p.bulkhead.release()
+            self.state = _DROPPED
             latency = perf_counter() - self.t0
-            histogram = self.route.latency
-            histogram.counts[bisect_left(LATENCY_BUCKETS, latency)] += 1
-            histogram.total_s += latency
-            if failure is not None:
-                attempts = [failed_attempt(failure, latency)]
-                d = guard._primary_failed(p, failure, (), {}, 0, permit, self.t0, attempts)
-                await self.fall_back(d, notices)
-            elif notices:  # served, but a notice (e.g. store_unavailable) goes on the record
-                d = Degradation(p, (None,), {}, 0, guard.breaker.state_of(permit), [])
-                d.flagged = True
-                guard._finish(d, None, "primary", self.t0, False, notices)
+            route.latency.add(latency)
+            attempts = [failed_attempt(failure, latency)]
+            d = guard._primary_failed(p, failure, (), {}, 0, permit, self.t0, attempts)
+            await self.fall_back(d, notices)
         finally:
             _outcomes.reset(token)
+
+    def served_with(self, notices: list[RawReason]) -> None:
+        """Served by the endpoint, but a notice (e.g. store_unavailable) goes on the record."""
+        guard = self.route.guard
+        d = Degradation(guard._p, (None,), {}, 0, guard.breaker.state_of(self.permit), [])
+        d.flagged = True
+        guard._finish(d, None, "primary", self.t0, False, notices)
 
     def expire(self) -> None:
         """The deadline passed before the response started: drop the endpoint's messages and
         cancel it where it waits (a sync endpoint's thread cannot be interrupted, only left
         behind); `serve` then answers from a fallback."""
-        if self.settled:
+        if self.state != _WAITING:
             return
-        self.expired = self.closed = self.settled = True
+        self.state = _DROPPED
+        self.expired = True
         task = self.task
         if task is not None and not task.done() and not task.cancelling():
             self.cancelled = True
@@ -381,31 +410,32 @@ class _Responder:
         self.body_done = not message.get("more_body", False)
 
     def send_checked(self, message: Message) -> Awaitable[None]:
-        """The endpoint's `send`: the response start is checked, the rest passed on.
-
-        A plain function returning `send`'s awaitable: one coroutine less per message.
-        """
-        if self.started:
-            return self.send(message)
-        if self.closed:
-            return _dropped()
+        """The endpoint's `send`: the response start is checked and accounted, the rest passed
+        on. A plain function returning `send`'s awaitable: one coroutine less per message."""
+        state = self.state
+        if state:
+            return self.send(message) if state == _STARTED else _dropped()
         if message["type"] != "http.response.start":
             return self.send(message)
         status = message["status"]
         if status >= 500:
             self.failed_status = status
-            self.closed = self.settled = True
+            self.state = _DROPPED
             return _dropped()
-        self.started = self.settled = True  # the answer has begun: no time budget from here
-        guard = self.route.guard
+        self.state = _STARTED
+        route = self.route
+        guard = route.guard
         breaker = guard.breaker
-        if status >= 400:  # a 4xx is the endpoint's answer, neither success nor failure
-            breaker.release(self.permit)
-        else:
-            latency = perf_counter() - self.t0
+        latency = perf_counter() - self.t0
+        if status < 400:
             if latency >= breaker.quiet_below:
                 breaker.on_success(self.permit, latency)
+        else:  # a 4xx is the endpoint's answer, neither success nor failure
+            breaker.release(self.permit)
         next(guard._healthy_count)
+        histogram = route.latency  # LatencyHistogram.add, inline
+        histogram.counts[bisect_left(LATENCY_BUCKETS, latency)] += 1
+        histogram.total_s += latency
         if guard._p.tracer is not None:  # OpenTelemetry (`log.trace`): annotate the request span
             guard._trace_healthy(guard._p.tracer, self.permit, self.t0)
         headers = message.get("headers", ())

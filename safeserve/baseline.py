@@ -11,17 +11,21 @@ Statistics: count and null counts are per row; min/max are exact; mean and std (
 ddof=0) and the quantile edges are over the non-null values. Infinite numbers are counted as
 nulls in a baseline (so its statistics stay finite) but as out of range by `bin_counts`. Kinds
 are inferred as `safeserve.datasource` describes (a column mixing numbers and text is an error
-unless `kinds=` says how to read it; a column with no non-null value is an error).
+unless `kinds=` says how to read it; a column with no non-null value is an error unless
+`exclude=` leaves it out). A numeric feature also keeps `QUANTILES` + 1 evenly spaced quantiles:
+a fine reference CDF, against which the skew report measures exact serving values.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import json
 import math
 import numbers
 import os
-import tempfile
+import secrets
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -34,14 +38,22 @@ from safeserve.datasource import (
     KINDS,
     BaselineError,
     Kind,
+    about,
+    fix,
+    option,
     prepare,
     read_columns,
 )
 
-__all__ = ["FORMAT_VERSION", "Baseline", "BaselineError", "FeatureBaseline"]
+__all__ = ["FORMAT_VERSION", "QUANTILES", "Baseline", "BaselineError", "FeatureBaseline"]
 
 FORMAT_VERSION = 1
 """The baseline file format this version writes and reads."""
+
+QUANTILES = 256
+"""A numeric feature's `quantiles` split its values into this many equal shares."""
+
+_NO_VALUE = "no non-null value"
 
 
 class FeatureBaseline(BaseModel):
@@ -62,6 +74,8 @@ class FeatureBaseline(BaseModel):
     proportions: list[float]
     categories: list[str] = []
     owner: str | None = None
+    quantiles: list[float] = []
+    """Values at evenly spaced levels 0, 1/k, ..., 1 (numeric; empty in older files)."""
 
     _bins: _Bins = PrivateAttr()
 
@@ -79,6 +93,16 @@ class FeatureBaseline(BaseModel):
                 raise ValueError("edges must be strictly increasing")
             if len(self.proportions) != max(1, len(e) - 1) or self.categories:
                 raise ValueError("a numeric feature has one proportion per bin and no categories")
+            q = self.quantiles
+            if q and (
+                len(q) < 2
+                or q[0] != self.min
+                or q[-1] != self.max
+                or any(a > b for a, b in itertools.pairwise(q))
+            ):
+                raise ValueError("quantiles must run from min to max, non-decreasing")
+        elif self.quantiles:
+            raise ValueError("only a numeric feature has quantiles")
         elif len(self.proportions) != len(self.categories) + 1 or self.edges:
             raise ValueError("one proportion per category plus one for 'other', and no edges")
         return self
@@ -196,7 +220,7 @@ def _numeric(name: str, column: np.ndarray, bins: int, owner: str | None) -> Fea
     values = column if finite.all() else column[finite]
     n = column.size
     if not values.size:
-        raise BaselineError([f"{name}: no non-null value"])
+        raise BaselineError([f"{name}: {_NO_VALUE}"])
     # one sort gives exact min/max, the quantiles and every bin's count (by bisection)
     ordered = np.sort(values)
     lo, hi = float(ordered[0]), float(ordered[-1])
@@ -204,6 +228,9 @@ def _numeric(name: str, column: np.ndarray, bins: int, owner: str | None) -> Fea
     edges[0], edges[-1] = lo, hi  # exact, whatever the interpolation did
     below = np.searchsorted(ordered, edges[1:-1], side="left")
     counts = np.diff(np.concatenate(([0], below, [ordered.size])))
+    quantiles = np.quantile(ordered, np.linspace(0.0, 1.0, QUANTILES + 1))
+    quantiles[0], quantiles[-1] = lo, hi
+    quantiles = np.maximum.accumulate(quantiles)  # interpolation rounding never goes back
     return FeatureBaseline(
         name=name,
         kind="numeric",
@@ -217,6 +244,7 @@ def _numeric(name: str, column: np.ndarray, bins: int, owner: str | None) -> Fea
         edges=edges.tolist(),
         proportions=(counts / values.size).tolist(),
         owner=owner,
+        quantiles=quantiles.tolist(),
     )
 
 
@@ -227,7 +255,7 @@ def _categorical(
     nulls = frequencies.pop(None, 0)
     count = column.size - nulls
     if not count:
-        raise BaselineError([f"{name}: no non-null value"])
+        raise BaselineError([f"{name}: {_NO_VALUE}"])
     # most frequent first; equal counts by value, so the same data always gives the same list
     top = sorted(frequencies.items(), key=lambda kv: (-kv[1], kv[0]))[:top_k]
     other = count - sum(n for _, n in top)
@@ -274,33 +302,48 @@ class Baseline(BaseModel):
         confidence: str | Sequence[Any] | np.ndarray | None = None,
         feature_names: Sequence[str] | None = None,
         kinds: Mapping[str, Kind] | None = None,
+        exclude: Sequence[str] = (),
         progress: Callable[[int, int], None] | None = None,
     ) -> Baseline:
         """Build a baseline from a file path or in-memory data (see the module doc for kinds).
 
         `prediction`/`confidence` name a column of `data` (then not a feature) or give the
-        values. `kinds` forces a column's kind; `progress(done, total)` is called per feature.
+        values. `kinds` forces a column's kind; `exclude` names columns to leave out entirely
+        (a PII column, an empty one: nothing of them reaches the baseline);
+        `progress(done, total)` is called per feature.
         Raises `BaselineError` listing every problem, each naming its column.
         """
         owners, kinds = dict(owners or {}), dict(kinds or {})
-        problems = [f"bins: must be >= 1, got {bins}"] if bins < 1 else []
-        problems += [f"top_k: must be >= 1, got {top_k}"] if top_k < 1 else []
+        if isinstance(exclude, str):
+            exclude = [exclude]  # one name, not its letters
+        left_out = frozenset(exclude)
+        problems = [f"{option('bins')}: must be >= 1, got {bins}"] if bins < 1 else []
+        problems += [f"{option('top_k')}: must be >= 1, got {top_k}"] if top_k < 1 else []
         problems += [
-            f"{k}: unknown kind {v!r} (one of {KINDS})" for k, v in kinds.items() if v not in KINDS
+            f"{about('kinds', k)}: unknown kind {v!r} (one of {', '.join(KINDS)})"
+            for k, v in kinds.items()
+            if v not in KINDS
         ]
         if problems:
             raise BaselineError(problems)
         text = frozenset(k for k, v in kinds.items() if v != "numeric")
         n_rows, columns = read_columns(data, feature_names, text)
+        problems = [
+            f"{about('exclude', k)}: no such column in the data"
+            for k in sorted(left_out - columns.keys())
+        ]
+        for name in left_out & columns.keys():
+            del columns[name]
         if not n_rows or not columns:
-            raise BaselineError([f"data: {'no columns' if not columns else 'no rows'}"])
+            problems.append(f"data: {'no columns' if not columns else 'no rows'}")
+            raise BaselineError(problems)
         outputs = {
             role: _take(role, spec, columns, n_rows)
             for role, spec in (("prediction", prediction), ("confidence", confidence))
             if spec is not None
         }
-        problems = [f"owners: {k}: no such feature" for k in owners if k not in columns]
-        problems += [f"kinds: {k}: no such feature" for k in kinds if k not in columns]
+        problems += [f"{about('owners', k)}: no such feature" for k in owners if k not in columns]
+        problems += [f"{about('kinds', k)}: no such feature" for k in kinds if k not in columns]
         features: dict[str, FeatureBaseline] = {}
         roles: dict[str, FeatureBaseline] = {}
         jobs = [(features, n, n, c) for n, c in columns.items()]
@@ -312,7 +355,13 @@ class Baseline(BaseModel):
                     name, kind, column, bins=bins, top_k=top_k, owner=owners.get(name)
                 )
             except BaselineError as exc:
-                problems += exc.problems
+                empty = f"{name}: {_NO_VALUE}"
+                problems += [
+                    f"{p}; leave the column out with {fix('exclude', name)}"
+                    if p == empty and into is features
+                    else p
+                    for p in exc.problems
+                ]
             if progress is not None:
                 progress(done, len(jobs))
         if problems:
@@ -336,20 +385,28 @@ class Baseline(BaseModel):
         return out
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the baseline as JSON (atomically: a reader never sees half a file)."""
+        """Write the baseline as JSON, atomically (a reader never sees half a file), with the
+        permissions of a plain write: a new file gets 0666 less the umask, a replaced one keeps
+        its mode. The directory must exist (FileNotFoundError otherwise): nothing is created
+        where a mistyped path points."""
         target = Path(path)
         try:
             text = json.dumps(self.model_dump(mode="json"), indent=1, allow_nan=False)
         except ValueError:
             raise BaselineError([f"{target}: a statistic is not finite"]) from None
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        if not target.parent.is_dir():
+            raise FileNotFoundError(errno.ENOENT, "no such directory", str(target.parent))
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+        # os.open applies the umask (mkstemp would give 0600 whatever the umask)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text + "\n")
+            with contextlib.suppress(FileNotFoundError):  # a new file: the umask decided
+                os.chmod(tmp, target.stat().st_mode & 0o7777)
             os.replace(tmp, target)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
 
     @classmethod
@@ -389,11 +446,11 @@ def _take(
     or given as values, one per row."""
     if isinstance(spec, str):
         if spec not in columns:
-            raise BaselineError([f"{role}: no column {spec!r} in the data"])
+            raise BaselineError([f"{option(role)}: no column {spec!r} in the data"])
         return spec, columns.pop(spec)
     values = np.asarray(spec) if isinstance(spec, np.ndarray) else _objects(spec)
     if values.ndim != 1 or len(values) != n_rows:
-        raise BaselineError([f"{role}: {len(values)} values for {n_rows} rows"])
+        raise BaselineError([f"{option(role)}: {len(values)} values for {n_rows} rows"])
     return role, values
 
 

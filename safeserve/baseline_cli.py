@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from safeserve.datasource import KINDS, BaselineError, Kind
+from safeserve.datasource import KINDS, BaselineError, Kind, cli_spelling
 
 _PROGRESS_MIN_BYTES = 16 << 20
 """Files at least this large show a progress bar (when stderr is a terminal)."""
@@ -25,7 +25,12 @@ def add_baseline_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
     )
     parser.add_argument("data", type=Path, metavar="DATA", help="the training data file")
     parser.add_argument(
-        "-o", "--output", type=Path, required=True, metavar="OUT", help="baseline JSON to write"
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        metavar="OUT",
+        help="baseline JSON to write (its directory must exist; replaced atomically)",
     )
     parser.add_argument("--bins", type=int, default=10, metavar="N", help="quantile bins (10)")
     parser.add_argument(
@@ -45,6 +50,13 @@ def add_baseline_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
         metavar="FEATURE=KIND",
         help=f"force a feature's kind, one of {', '.join(KINDS)} (repeatable)",
     )
+    parser.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="COLUMN",
+        help="leave a column out of the baseline entirely, e.g. a PII or empty column (repeatable)",
+    )
     parser.add_argument("--prediction", metavar="COLUMN", help="the model's prediction column")
     parser.add_argument("--confidence", metavar="COLUMN", help="the model's confidence column")
     parser.add_argument(
@@ -56,33 +68,15 @@ def add_baseline_parser(commands: argparse._SubParsersAction[argparse.ArgumentPa
 
 def baseline_command(args: argparse.Namespace) -> int:
     """Run `safeserve baseline`: 0 when written, 2 on bad input, usage or an unwritable file."""
-    from safeserve.baseline import Baseline
-
     out, err = sys.stdout, sys.stderr
+    parent = args.output.parent
+    if not parent.is_dir():  # checked first: no minutes of reading for a mistyped -o
+        what = "not a directory" if parent.exists() else "no such directory"
+        print(f"safeserve baseline: -o {args.output}: {parent}: {what}", file=err)
+        return 2
     try:
-        owners = _pairs(args.owner, "--owner")
-        kinds: dict[str, Kind] = {}
-        for name, kind in _pairs(args.kind, "--kind").items():
-            if kind not in KINDS:
-                raise BaselineError(
-                    [f"--kind {name}={kind}: the kind is one of {', '.join(KINDS)}"]
-                )
-            kinds[name] = kind
-        names = args.feature_names.split(",") if args.feature_names else None
-        bar = _bar(args.data, err) if not args.quiet else None
-        started = time.perf_counter()
-        baseline = Baseline.from_data(
-            args.data,
-            bins=args.bins,
-            top_k=args.top_k,
-            owners=owners,
-            kinds=kinds,
-            prediction=args.prediction,
-            confidence=args.confidence,
-            feature_names=names,
-            progress=bar,
-        )
-        baseline.save(args.output)
+        with cli_spelling():
+            return _build(args, out, err)
     except BaselineError as exc:
         for problem in exc.problems:
             print(f"safeserve baseline: {problem}", file=err)
@@ -90,14 +84,42 @@ def baseline_command(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"safeserve baseline: {exc.filename or args.output}: {exc.strerror}", file=err)
         return 2
+
+
+def _build(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from safeserve.baseline import Baseline
+
+    owners = _pairs(args.owner, "--owner")
+    kinds: dict[str, Kind] = {}
+    for name, kind in _pairs(args.kind, "--kind").items():
+        if kind not in KINDS:
+            raise BaselineError([f"--kind {name}={kind}: the kind is one of {', '.join(KINDS)}"])
+        kinds[name] = kind
+    names = args.feature_names.split(",") if args.feature_names else None
+    bar = _bar(args.data, err) if not args.quiet else None
+    started = time.perf_counter()
+    baseline = Baseline.from_data(
+        args.data,
+        bins=args.bins,
+        top_k=args.top_k,
+        owners=owners,
+        kinds=kinds,
+        exclude=args.exclude,
+        prediction=args.prediction,
+        confidence=args.confidence,
+        feature_names=names,
+        progress=bar,
+    )
+    baseline.save(args.output)
     if not args.quiet:
         by_kind: dict[str, int] = {}
         for f in baseline.features.values():
             by_kind[f.kind] = by_kind.get(f.kind, 0) + 1
         kinds_text = ", ".join(f"{n} {k}" for k, n in by_kind.items())
+        left_out = f"; left out: {', '.join(args.exclude)}" if args.exclude else ""
         print(
             f"wrote {args.output}: {len(baseline.features)} features ({kinds_text}) from "
-            f"{baseline.n_rows:,} rows in {time.perf_counter() - started:.2f} s",
+            f"{baseline.n_rows:,} rows in {time.perf_counter() - started:.2f} s{left_out}",
             file=out,
         )
     return 0

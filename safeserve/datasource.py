@@ -11,6 +11,8 @@ form, so the same data gives the same statistics whatever it came in:
   by their `str()`;
 - a column mixing numbers with strings or booleans is an error naming the column (pass
   `kinds={name: "categorical"}` to keep it as text);
+- a column with no non-null value is an error naming the column (leave it out with
+  `exclude=[name]`: a baseline cannot describe a feature it never saw);
 - CSV cells are untyped text: a column whose non-empty cells all parse as floats is numeric,
   one of only true/false (any case) is boolean, one of text alone categorical, and one mixing
   numbers with text an error as above; empty, NA, N/A, null, NULL, None and nan cells are nulls.
@@ -26,7 +28,9 @@ import math
 import numbers
 import operator
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +40,50 @@ from safeserve.errors import SafeServeError
 
 Kind = Literal["numeric", "categorical", "boolean"]
 KINDS: tuple[Kind, ...] = ("numeric", "categorical", "boolean")
+
+
+_OPTIONS = {
+    "bins": "--bins",
+    "top_k": "--top-k",
+    "owners": "--owner",
+    "kinds": "--kind",
+    "exclude": "--exclude",
+    "prediction": "--prediction",
+    "confidence": "--confidence",
+    "feature_names": "--feature-names",
+}
+_cli_spelling: ContextVar[bool] = ContextVar("safeserve_cli_spelling", default=False)
+
+
+@contextmanager
+def cli_spelling() -> Iterator[None]:
+    """Within this block, problems name the `safeserve baseline` flags (`--kind a=categorical`)
+    instead of the Python arguments (`kinds={'a': 'categorical'}`)."""
+    token = _cli_spelling.set(True)
+    try:
+        yield
+    finally:
+        _cli_spelling.reset(token)
+
+
+def option(name: str) -> str:
+    """An option's name as the user typed it: `kinds` in Python, `--kind` on the command line."""
+    return _OPTIONS.get(name, name) if _cli_spelling.get() else name
+
+
+def about(name: str, column: str) -> str:
+    """The prefix of a problem with `column` given to option `name`: `kinds: a` / `--kind a`."""
+    return f"{_OPTIONS.get(name, name)} {column}" if _cli_spelling.get() else f"{name}: {column}"
+
+
+def fix(name: str, column: str, value: str | None = None) -> str:
+    """How to pass `column` (and `value`) to option `name`, spelled for Python or the CLI."""
+    if _cli_spelling.get():
+        flag = _OPTIONS[name]
+        return f"{flag} {column}" + (f"={value}" if value is not None else "")
+    if value is None:
+        return f"{name}=[{column!r}]"
+    return f"{name}={{{column!r}: {value!r}}}"
 
 
 class BaselineError(SafeServeError, ValueError):
@@ -116,7 +164,7 @@ def _prepare_objects(name: str, raw: np.ndarray) -> tuple[Kind, np.ndarray]:
             raise BaselineError(
                 [
                     f"{name}: mixes numbers with {'strings' if texts else 'other values'}; "
-                    f"clean the column or pass kinds={{{name!r}: 'categorical'}}"
+                    f"clean the column or pass {fix('kinds', name, 'categorical')}"
                 ]
             )
     if nums:
@@ -173,8 +221,9 @@ def _from_array(
     if arr.ndim != 2:
         raise BaselineError([f"{where}: expected a structured or 2-D array, got shape {arr.shape}"])
     if names is None or len(names) != arr.shape[1]:
+        names_option = option("feature_names")
         raise BaselineError(
-            [f"{where}: a 2-D array needs feature_names, one per column ({arr.shape[1]})"]
+            [f"{where}: a 2-D array needs {names_option}, one per column ({arr.shape[1]})"]
         )
     return arr.shape[0], {str(n): arr[:, j] for j, n in enumerate(names)}
 
@@ -233,6 +282,8 @@ def _read_path(
     path: Path, names: Sequence[str] | None, text: frozenset[str]
 ) -> tuple[int, dict[str, np.ndarray]]:
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise BaselineError([f"{path}: is a directory, not a data file"])
     if not path.is_file():
         raise BaselineError([f"{path}: no such file"])
     if path.stat().st_size == 0:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import re
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from safeserve.baseline import FORMAT_VERSION, Baseline, BaselineError, FeatureBaseline
+from safeserve.baseline import (
+    FORMAT_VERSION,
+    QUANTILES,
+    Baseline,
+    BaselineError,
+    FeatureBaseline,
+)
 from safeserve.baseline_cli import add_baseline_parser
 
 N = 200
@@ -327,12 +336,57 @@ class TestFiles:
             owners={"color": "paint"},
             prediction=RNG.random(N),
         )
-        path = tmp_path / "sub" / "baseline.json"
+        path = tmp_path / "baseline.json"
         original.save(path)
         loaded = Baseline.load(path)
         assert loaded == original
         assert loaded.features["x"].edges == original.features["x"].edges
+        assert loaded.features["x"].quantiles == original.features["x"].quantiles
         assert json.loads(path.read_text())["format_version"] == FORMAT_VERSION
+
+    def test_save_honours_the_umask_and_keeps_a_replaced_files_mode(self, tmp_path: Path) -> None:
+        """A new file is 0666 less the umask (not mkstemp's 0600); a replaced one keeps its mode;
+        no temporary file is left behind."""
+        baseline = Baseline.from_data({"x": X[:100]})
+        old = os.umask(0o022)
+        try:
+            baseline.save(tmp_path / "new.json")
+            os.umask(0o077)
+            baseline.save(tmp_path / "private.json")
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE((tmp_path / "new.json").stat().st_mode) == 0o644
+        assert stat.S_IMODE((tmp_path / "private.json").stat().st_mode) == 0o600
+        (tmp_path / "new.json").chmod(0o640)
+        baseline.save(tmp_path / "new.json")
+        assert stat.S_IMODE((tmp_path / "new.json").stat().st_mode) == 0o640
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["new.json", "private.json"]
+
+    def test_save_into_a_missing_directory_creates_nothing(self, tmp_path: Path) -> None:
+        """A mistyped directory is an error naming it; no directory is created."""
+        with pytest.raises(FileNotFoundError) as info:
+            Baseline.from_data({"x": X[:100]}).save(tmp_path / "typo" / "b.json")
+        assert info.value.filename == str(tmp_path / "typo")
+        assert not (tmp_path / "typo").exists()
+
+    def test_quantiles_are_a_fine_reference_cdf(self) -> None:
+        """QUANTILES + 1 values from min to max at evenly spaced levels; none for categories."""
+        f = Baseline.from_data({"x": X, "color": COLOR}).features
+        q = np.asarray(f["x"].quantiles)
+        assert q.size == QUANTILES + 1
+        assert (q[0], q[-1]) == (f["x"].min, f["x"].max)
+        finite = X[np.isfinite(X)]
+        np.testing.assert_allclose(
+            q[1:-1], np.quantile(finite, np.linspace(0, 1, QUANTILES + 1))[1:-1]
+        )
+        assert f["color"].quantiles == []
+
+    def test_a_file_without_quantiles_still_loads(self, tmp_path: Path) -> None:
+        """Baselines written before `quantiles` existed load (the skew report then bins)."""
+        raw = Baseline.from_data({"x": X[:100]}).model_dump(mode="json")
+        del raw["features"]["x"]["quantiles"]
+        (tmp_path / "old.json").write_text(json.dumps(raw))
+        assert Baseline.load(tmp_path / "old.json").features["x"].quantiles == []
 
     def test_loaded_baseline_bins_like_the_original(self, tmp_path: Path) -> None:
         """bin_counts works on a loaded baseline (its bins are rebuilt on load)."""
@@ -431,6 +485,7 @@ class TestBadInput:
             ({"a": []}, {}, "no rows"),
             ({"a": [1.0]}, {"bins": 0}, "bins"),
             ({"a": [1.0]}, {"owners": {"zz": "t"}}, "owners: zz"),
+            ({"a": [1.0]}, {"kinds": {"zz": "numeric"}}, "kinds: zz"),
             ({"a": [1.0]}, {"prediction": "zz"}, "prediction: no column"),
             ({"a": [1.0]}, {"confidence": [0.1, 0.2]}, "confidence: 2 values for 1 rows"),
             ({"a": [1.0]}, {"kinds": {"a": "text"}}, "unknown kind"),
@@ -446,6 +501,41 @@ class TestBadInput:
         """A data path that does not exist is a BaselineError naming it."""
         with pytest.raises(BaselineError, match="no such file"):
             Baseline.from_data(tmp_path / "nope.csv")
+
+    def test_a_directory_is_not_reported_as_missing(self, tmp_path: Path) -> None:
+        """A directory given as the data says so, not "no such file"."""
+        with pytest.raises(BaselineError, match="is a directory, not a data file"):
+            Baseline.from_data(tmp_path)
+
+    def test_an_all_null_column_names_the_way_to_leave_it_out(self) -> None:
+        """An empty column stays an error (a baseline cannot describe it), and says how to
+        leave it out; with exclude= the baseline is built without it."""
+        data = {"x": [1.0, 2.0], "empty": [None, None]}
+        with pytest.raises(BaselineError, match=re.escape("exclude=['empty']")):
+            Baseline.from_data(data)
+        assert list(Baseline.from_data(data, exclude=["empty"]).features) == ["x"]
+
+
+class TestExclude:
+    def test_an_excluded_column_leaves_no_trace_in_the_file(self, tmp_path: Path) -> None:
+        """A PII column given to exclude= is not read into any statistic or bin edge."""
+        cards = [f"4242-{i:04d}" for i in range(N)]
+        baseline = Baseline.from_data({"x": X, "card": cards}, exclude=["card"])
+        baseline.save(tmp_path / "b.json")
+        text = (tmp_path / "b.json").read_text()
+        assert "card" not in text
+        assert "4242" not in text
+        assert list(baseline.features) == ["x"]
+
+    def test_a_single_name_is_one_column(self) -> None:
+        """exclude="card" means the column card, not the letters c, a, r, d."""
+        got = Baseline.from_data({"x": [1.0, 2.0], "card": ["a", "b"]}, exclude="card")
+        assert list(got.features) == ["x"]
+
+    def test_an_unknown_excluded_column_is_an_error(self) -> None:
+        """A typo in exclude= would let the column in: it is an error naming it."""
+        with pytest.raises(BaselineError, match="exclude: crad: no such column"):
+            Baseline.from_data({"x": [1.0, 2.0], "card": ["a", "b"]}, exclude=["crad"])
 
     def test_parquet_without_pyarrow_says_what_to_install(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -485,8 +575,55 @@ class TestCli:
         data.write_text("a,b\n1,\n2,\n")
         assert self.run(str(data), "-o", str(tmp_path / "b.json")) == 2
         err = capsys.readouterr().err
-        assert "safeserve baseline: b: no non-null value" in err
+        assert (
+            "safeserve baseline: b: no non-null value; leave the column out with --exclude b" in err
+        )
         assert "Traceback" not in err
+
+    def test_exclude_flag_leaves_columns_out(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--exclude (repeatable) drops a PII column and an empty one; the output says so."""
+        data = tmp_path / "d.csv"
+        data.write_text("a,b,card\n1,,4242-0001\n2,,4242-0002\n")
+        out = tmp_path / "b.json"
+        assert self.run(str(data), "-o", str(out), "--exclude", "b", "--exclude", "card") == 0
+        assert list(Baseline.load(out).features) == ["a"]
+        assert "4242" not in out.read_text()
+        assert "left out: b, card" in capsys.readouterr().out
+
+    def test_problems_name_the_cli_flags(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """From the CLI, fixes are spelled as flags (--kind m=categorical), never as Python."""
+        data = tmp_path / "d.csv"
+        data.write_text("m,z\n1,1\nx,2\n")
+        out = str(tmp_path / "b.json")
+        assert self.run(str(data), "-o", out, "--kind", "q=numeric", "--exclude", "w") == 2
+        err = capsys.readouterr().err
+        assert "--kind m=categorical" in err
+        assert "--kind q: no such feature" in err
+        assert "--exclude w: no such column" in err
+        assert "kinds=" not in err
+        assert "exclude=" not in err
+        assert self.run(str(data), "-o", out, "--bins", "0") == 2
+        assert "--bins: must be >= 1" in capsys.readouterr().err
+        # the Python spelling is back outside the CLI
+        with pytest.raises(BaselineError, match=re.escape("kinds={'m': 'categorical'}")):
+            Baseline.from_data(data)
+
+    def test_a_directory_as_data_and_a_missing_output_directory(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Exit 2 with what is wrong: a directory is not "no such file"; -o into a missing
+        directory creates nothing."""
+        data = _write_csv(tmp_path / "d.csv", _rows())
+        assert self.run(str(tmp_path), "-o", str(tmp_path / "b.json")) == 2
+        assert "is a directory, not a data file" in capsys.readouterr().err
+        assert self.run(str(data), "-o", str(tmp_path / "no" / "dir" / "b.json")) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / 'no' / 'dir'}: no such directory" in err
+        assert not (tmp_path / "no").exists()
 
     def test_bad_owner_option_exits_2(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -118,39 +118,76 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="serve every policy's model over HTTP (FastAPI + uvicorn)",
-        description="POST /v1/models/{name}/predict per policy, plus /safeserve admin routes.",
+        description="POST /v1/models/{name}/predict per policy with a model (a policy without "
+        "one is named in a warning), plus the /safeserve admin routes; the policy's "
+        "on_invalid decides what a body that fails its schema gets (reject: 422, fallback: the "
+        "fallbacks, flag: the model). Exits 1 when the file has problems (printed as "
+        "FILE: PATH: MESSAGE, as check does), 2 when it cannot be read, names no model, or the "
+        "address cannot be used.",
     )
     serve.add_argument("policies", metavar="POLICIES", help="a .yaml/.yml/.toml policies file")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--port", type=int, default=8000, help="port to listen on, 0-65535 (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--workers", type=int, default=1, help="uvicorn worker processes (default: %(default)s)"
+    )
     serve.add_argument(
         "--admin-token",
         default=None,
         help="bearer token for the breaker routes (else $SAFESERVE_ADMIN_TOKEN; none: refused)",
+    )
+    serve.add_argument(
+        "--allow-module",
+        action="append",
+        default=None,
+        metavar="PREFIX",
+        help="only let import paths name modules starting with PREFIX (repeatable)",
+    )
+    serve.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="refuse predict bodies over N bytes with 413 (default: 1048576)",
     )
     serve.set_defaults(handler=_serve)
     return parser
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from safeserve.errors import PolicyError
-
     try:
-        from safeserve.serve import serve
+        from safeserve.serve import MAX_BODY_BYTES, serve
     except ImportError as exc:
         print(f"safeserve serve needs the fastapi extra: {exc}", file=sys.stderr)
         return 2
-    sys.path.insert(0, os.getcwd())  # import paths in the file resolve from here, as in `check`
-    token = args.admin_token or os.environ.get("SAFESERVE_ADMIN_TOKEN") or None
-    try:
-        return serve(args.policies, args.host, args.port, args.workers, token)
-    except PolicyError as err:
-        print(f"{args.policies}:\n{err}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"safeserve serve: {exc}", file=sys.stderr)
+    if not 0 <= args.port <= 65535:
+        print(f"safeserve serve: --port must be 0-65535, not {args.port}", file=sys.stderr)
         return 2
+    if args.workers < 1:
+        print(f"safeserve serve: --workers must be 1 or more, not {args.workers}", file=sys.stderr)
+        return 2
+    max_body = MAX_BODY_BYTES if args.max_body_bytes is None else args.max_body_bytes
+    if max_body < 1:
+        print(
+            f"safeserve serve: --max-body-bytes must be 1 or more, not {max_body}", file=sys.stderr
+        )
+        return 2
+    if os.getcwd() not in sys.path:  # import paths in the file resolve from here, as in `check`
+        sys.path.insert(0, os.getcwd())
+    token = args.admin_token or os.environ.get("SAFESERVE_ADMIN_TOKEN") or None
+    return serve(
+        args.policies,
+        args.host,
+        args.port,
+        args.workers,
+        token,
+        allowed_modules=args.allow_module,
+        max_body_bytes=max_body,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

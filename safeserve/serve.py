@@ -1,19 +1,27 @@
 """`safeserve serve POLICIES`: a FastAPI app with one predict route per policy, run by uvicorn.
 
-Each policy gets `POST /v1/models/{name}/predict`; the request body is validated by the
-policy's input schema (so OpenAPI shows it), the model runs under its guard, and the answer
-comes back with `X-SafeServe-Served-By` / `X-SafeServe-Degraded`. The admin routes
-(`/safeserve/health`, `/safeserve/metrics`, breaker control) are included. Needs the
-`fastapi` extra.
+Each policy with a model gets `POST /v1/models/{name}/predict`. The route reads the raw JSON
+body and hands it to the policy's guard, so the guard's own validation decides what invalid
+input means: `on_invalid: reject` answers a clean 422, `fallback` walks the fallbacks (200,
+`X-SafeServe-Degraded: true`), `flag` lets the primary try it. The policy's schema is still
+documented in OpenAPI. The answer comes back with `X-SafeServe-Served-By` /
+`X-SafeServe-Degraded`; the admin routes (`/safeserve/health`, `/safeserve/metrics`, breaker
+control) are included. No error body holds a trace, an exception message or an input value.
+Needs the `fastapi` extra.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Literal
 
-from fastapi import Body, FastAPI
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
@@ -21,47 +29,127 @@ from starlette.concurrency import run_in_threadpool
 from safeserve.config import load_policies
 from safeserve.decisions import json_safe
 from safeserve.decorator import guard_model
-from safeserve.errors import InputRejected, NoFallbackAvailable
+from safeserve.errors import InputRejected, NoFallbackAvailable, PolicyError, Problem
 from safeserve.fastapi import admin_router
 from safeserve.guard import AsyncGuard, Guard
+from safeserve.policy import Policy
 
 POLICIES_ENV = "SAFESERVE_POLICIES"
 TOKEN_ENV = "SAFESERVE_ADMIN_TOKEN"
+ALLOWED_ENV = "SAFESERVE_ALLOWED_MODULES"
+MAX_BODY_ENV = "SAFESERVE_MAX_BODY_BYTES"
+MAX_BODY_BYTES = 1 << 20  # one input row; a bigger body is refused before it is read in full
 
 
-def build_app(policies_path: str | Path, admin_token: str | None = None) -> FastAPI:
-    """The app for a policies file: one guarded predict route per policy with a model."""
-    policies = load_policies(policies_path)
+class InputProblem(BaseModel):
+    """One problem with the request body: where (a dotted path, `$` for the body) and what."""
+
+    loc: str
+    message: str
+
+
+class InvalidInput(BaseModel):
+    """The 422 body: the same for the guard's `on_invalid: reject` and unreadable bodies."""
+
+    error: Literal["invalid_input"]
+    problems: list[InputProblem]
+
+
+class Unavailable(BaseModel):
+    """The 503 body when neither the model nor any fallback answered."""
+
+    error: Literal["unavailable"]
+    policy: str
+
+
+class NothingToServe(PolicyError):
+    """No policy in the file names a model; `unserved` lists them all."""
+
+    def __init__(self, unserved: list[str]) -> None:
+        self.unserved = unserved
+        super().__init__(["policies: no policy names a model, so there is nothing to serve"])
+
+
+class RequestRefused(BaseModel):
+    """The 413/415 body: the request is too large or not JSON."""
+
+    error: Literal["body_too_large", "unsupported_media_type"]
+
+
+def build_app(
+    policies_path: str | Path,
+    admin_token: str | None = None,
+    allowed_modules: Sequence[str] | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> FastAPI:
+    """The app for a policies file: one guarded predict route per policy with a model.
+
+    Raises `PolicyError` for a bad file (`NothingToServe` when no policy names a model) and
+    `OSError` when it cannot be read. `app.state.unserved` lists the policies without a model.
+    """
+    policies = load_policies(policies_path, allowed_modules=allowed_modules)
+    served = {name: policy for name, policy in policies.items() if policy.model is not None}
+    if not served:
+        raise NothingToServe(list(policies))
     app = FastAPI(
         title="safeserve",
         description=f"Guarded models from {Path(policies_path).name}",
         version="1",
     )
+    app.state.unserved = [name for name in policies if name not in served]
+    app.add_exception_handler(RequestValidationError, _request_invalid)
+    app.add_exception_handler(Exception, _internal_error)
     guards: list[Guard] = []
-    for name, policy in policies.items():
-        if policy.model is None:
-            continue  # a policy without a model is for decorators in code, not for serving
+    schemas: dict[str, type[BaseModel]] = {}
+    for name, policy in served.items():
         guarded = guard_model(policy)
         guards.append(guarded)
         schema = policy.validation.schema if policy.validation is not None else None
-        _add_route(app, name, guarded, schema)
+        if schema is not None:
+            schemas[schema.__name__] = schema
+        _add_route(app, name, guarded, schema, max_body_bytes)
     app.include_router(admin_router(guards, token=admin_token))
+    _document_schemas(app, schemas)
     return app
 
 
-def _add_route(app: FastAPI, name: str, guarded: Guard, schema: type[BaseModel] | None) -> None:
-    async def predict(body: Any = Body(...)) -> JSONResponse:  # noqa: B008 - FastAPI idiom
-        x = body.model_dump() if isinstance(body, BaseModel) else body
+def _add_route(
+    app: FastAPI,
+    name: str,
+    guarded: Guard,
+    schema: type[BaseModel] | None,
+    max_body_bytes: int,
+) -> None:
+    # A schema's failures are the guard's to handle (reject, fallback or flag, as the policy
+    # says); without a schema the route itself asks for a JSON object.
+    needs_object = schema is None
+
+    async def predict(request: Request) -> JSONResponse:
+        refused = _refusal(request, max_body_bytes)
+        if refused is not None:
+            return refused
+        body = await _read_body(request, max_body_bytes)
+        if body is None:
+            return _refused("body_too_large", 413)
+        try:
+            x = json.loads(body)
+        except RecursionError:
+            return _invalid_input([Problem("$", "not valid JSON: nested too deeply")])
+        except json.JSONDecodeError as err:  # its msg is the parser's, never the input
+            return _invalid_input([Problem("$", f"not valid JSON: {err.msg}")])
+        except ValueError:  # not UTF-8, or a number too long to convert
+            return _invalid_input([Problem("$", "not valid JSON")])
+        if needs_object and not isinstance(x, dict):
+            return _invalid_input([Problem("$", "Input should be a JSON object")])
         try:
             if isinstance(guarded, AsyncGuard):
                 outcome = await guarded.call(x)
             else:
                 outcome = await run_in_threadpool(guarded.call, x)
         except InputRejected as err:
-            problems = [{"loc": p.loc, "message": p.message} for p in err.problems]
-            return JSONResponse({"error": "invalid_input", "problems": problems}, 422)
+            return _invalid_input(err.problems)
         except NoFallbackAvailable:
-            retry = max(1, round(guarded.breaker.retry_after_s())) or 1
+            retry = max(1, round(guarded.breaker.retry_after_s()))
             return JSONResponse(
                 {"error": "unavailable", "policy": name},
                 503,
@@ -70,15 +158,122 @@ def _add_route(app: FastAPI, name: str, guarded: Guard, schema: type[BaseModel] 
         d = outcome.decision
         return JSONResponse(json_safe(outcome.value), headers=_headers(d.served_by, d.degraded))
 
-    # the body's type is the policy's schema, so FastAPI validates it and OpenAPI shows it
-    predict.__annotations__["body"] = schema if schema is not None else dict[str, Any]
+    body_schema: dict[str, Any] = (
+        _ref(schema) if schema is not None else {"type": "object", "additionalProperties": True}
+    )
     app.add_api_route(
         f"/v1/models/{name}/predict",
         predict,
         methods=["POST"],
         name=f"predict_{name}",
         summary=f"Predict with {name!r} ({guarded.policy.model_version or 'unversioned'})",
+        description=_describe(guarded.policy),
+        # the body is read raw (so the guard's on_invalid applies) but documented as the schema
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": body_schema}},
+            }
+        },
+        responses={
+            200: {"description": "The answer of the model or of a fallback"},
+            413: {"model": RequestRefused, "description": f"Body over {max_body_bytes} bytes"},
+            415: {"model": RequestRefused, "description": "Body not application/json"},
+            422: {"model": InvalidInput, "description": "Input rejected (never echoed)"},
+            503: {"model": Unavailable, "description": "Nothing could answer; see Retry-After"},
+        },
     )
+
+
+def _describe(policy: Policy) -> str:
+    on_invalid = policy.validation.on_invalid if policy.validation is not None else None
+    if on_invalid == "reject":
+        return "A body that fails the schema is answered 422."
+    if on_invalid == "flag":
+        return "A body that fails the schema is still given to the model; the call is flagged."
+    if on_invalid == "fallback":
+        return "A body that fails the schema is answered by the fallbacks (degraded)."
+    return "The body is a JSON object given to the model as is."
+
+
+def _document_schemas(app: FastAPI, schemas: dict[str, type[BaseModel]]) -> None:
+    """Add the policies' input schemas to the OpenAPI components the routes refer to, and
+    document every 422 as the clean `InvalidInput` body the app really sends."""
+    plain = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        spec = plain()
+        components = spec.setdefault("components", {}).setdefault("schemas", {})
+        for name, schema in schemas.items():
+            js = schema.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(js.pop("$defs", {}))
+            components[name] = js
+        for operations in spec.get("paths", {}).values():
+            for operation in operations.values():
+                invalid = operation.get("responses", {}).get("422")
+                if invalid is not None:
+                    invalid["content"] = {"application/json": {"schema": _ref(InvalidInput)}}
+        for fastapi_shape in ("HTTPValidationError", "ValidationError"):  # never sent
+            components.pop(fastapi_shape, None)
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def _refusal(request: Request, max_body_bytes: int) -> JSONResponse | None:
+    """A 415 for a body that says it is not JSON, a 413 for one that says it is too large."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type and media_type != "application/json" and not media_type.endswith("+json"):
+        return _refused("unsupported_media_type", 415)
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_body_bytes:
+        return _refused("body_too_large", 413)
+    return None
+
+
+async def _read_body(request: Request, max_body_bytes: int) -> bytes | None:
+    """The body, or None as soon as it grows past the limit (a missing length header too)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body_bytes:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _invalid_input(problems: Sequence[Problem]) -> JSONResponse:
+    listed = [{"loc": p.loc, "message": p.message} for p in problems]
+    return JSONResponse({"error": "invalid_input", "problems": listed}, 422)
+
+
+def _refused(error: str, status: int) -> JSONResponse:
+    return JSONResponse({"error": error}, status)
+
+
+async def _request_invalid(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's own validation (admin routes' parameters), in the guard's shape, no inputs."""
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    problems = []
+    for e in errors:
+        parts = [str(p) for p in e.get("loc", ())]
+        if parts[:1] == ["body"]:
+            parts = parts[1:]
+        problems.append(Problem(".".join(parts) or "$", str(e.get("msg", "invalid"))))
+    return _invalid_input(problems)
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """A bug of ours: a plain 500 (the trace goes to the server's log, never to the client)."""
+    return JSONResponse({"error": "internal_error"}, 500)
 
 
 def _headers(served_by: str | None, degraded: bool) -> dict[str, str]:
@@ -90,15 +285,61 @@ def _headers(served_by: str | None, degraded: bool) -> dict[str, str]:
 
 def app_from_env() -> FastAPI:
     """The app uvicorn's workers build (`--workers N` needs an import string)."""
-    return build_app(os.environ[POLICIES_ENV], os.environ.get(TOKEN_ENV) or None)
+    allowed = os.environ.get(ALLOWED_ENV)
+    return build_app(
+        os.environ[POLICIES_ENV],
+        os.environ.get(TOKEN_ENV) or None,
+        allowed_modules=allowed.split("\n") if allowed else None,
+        max_body_bytes=int(os.environ.get(MAX_BODY_ENV) or MAX_BODY_BYTES),
+    )
 
 
-def serve(policies_path: str, host: str, port: int, workers: int, admin_token: str | None) -> int:
-    """Check the file, then run uvicorn on the app."""
+def serve(
+    policies_path: str,
+    host: str,
+    port: int,
+    workers: int,
+    admin_token: str | None,
+    allowed_modules: Sequence[str] | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    err: IO[str] | None = None,
+) -> int:
+    """Check the file and the address, then run uvicorn on the app; the exit code.
+
+    Problems are printed on `err` as one line each, as `safeserve check` prints them: a bad
+    file exits 1; an unreadable file, nothing to serve or an address that cannot be bound exit 2.
+    """
     import uvicorn
 
-    build_app(policies_path, admin_token)  # fail here, with the file's problems, not in a worker
-    os.environ[POLICIES_ENV] = str(Path(policies_path).resolve())
+    err = err if err is not None else sys.stderr
+    prefix = "safeserve serve"
+    path = Path(policies_path)
+    try:
+        # fail here, with the file's problems, not in a worker
+        app = build_app(path, admin_token, allowed_modules, max_body_bytes)
+    except FileNotFoundError:
+        print(f"{prefix}: no such file: {policies_path}", file=err)
+        return 2
+    except OSError as exc:
+        print(f"{prefix}: cannot read {policies_path}: {exc.strerror or exc}", file=err)
+        return 2
+    except NothingToServe as exc:
+        _warn_unserved(exc.unserved, err)
+        print(f"{prefix}: no policy in {policies_path} names a model: nothing to serve", file=err)
+        return 2
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(f"{policies_path}: {problem}", file=err)
+        return 1
+    _warn_unserved(app.state.unserved, err)
+    refusal = _cannot_bind(host, port)
+    if refusal is not None:
+        print(f"{prefix}: cannot listen on {host}:{port}: {refusal}", file=err)
+        return 2
+    os.environ[POLICIES_ENV] = str(path.resolve())
+    os.environ[MAX_BODY_ENV] = str(max_body_bytes)
+    if allowed_modules:
+        os.environ[ALLOWED_ENV] = "\n".join(allowed_modules)
     if admin_token:
         os.environ[TOKEN_ENV] = admin_token
     uvicorn.run(
@@ -110,3 +351,22 @@ def serve(policies_path: str, host: str, port: int, workers: int, admin_token: s
         log_level="info",
     )
     return 0
+
+
+def _warn_unserved(names: list[str], err: IO[str]) -> None:
+    for name in names:
+        print(f"safeserve serve: warning: policy {name!r} names no model: no route", file=err)
+
+
+def _cannot_bind(host: str, port: int) -> str | None:
+    """Why uvicorn could not listen on host:port (None when it can), checked before it starts."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        return str(exc.strerror or exc)
+    except OverflowError:
+        return "the port must be 0-65535"
+    return None

@@ -7,17 +7,93 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+from safeserve.cli import main
+from safeserve.decorator import guard_model
+from safeserve.errors import InputRejected
 from safeserve.serve import build_app
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ROOT / "examples" / "policies.yaml"
 TXN = {"amount": 120.0, "country": "DE", "customer_id": "c-1"}
+# the reviewer's body: fails the schema (a list, a number), holds a card number that must not leak
+CARD = 4111111111111111
+BAD_TXN = {"amount": 5, "country": ["DE"], "card_number": CARD}
+SECRET = "model exploded: secret-detail-5c1e"
+
+MODELS = f"""
+from typing import Any
+
+def boom(x: Any) -> Any:
+    raise RuntimeError({SECRET!r})
+
+def what_it_got(x: Any) -> dict[str, Any]:
+    # says which type reached the model, so a test sees the raw body or the validated one
+    kind = type(x.get("card_number")).__name__ if isinstance(x, dict) else type(x).__name__
+    return {{"label": "approve", "score": 0.9, "card_number_type": kind}}
+"""
+
+POLICY_FILE = """
+policies:
+  fraud:
+    model: serve_models:what_it_got
+    validation:
+      schema: examples.fraud_models:Txn
+      on_invalid: {on_invalid}
+    fallbacks:
+      - name: default
+        static: {{label: review, score: 0.0}}
+  bare:
+    model: serve_models:boom
+    validation:
+      schema: examples.fraud_models:Txn
+      on_invalid: {on_invalid}
+  free:
+    model: serve_models:what_it_got
+  decorators_only:
+    timeout_s: 0.5
+"""
+
+
+@pytest.fixture
+def policy_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A function writing a policies file (test models importable) for an `on_invalid`."""
+    (tmp_path / "serve_models.py").write_text(MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(ROOT))
+
+    def write(on_invalid: str) -> Path:
+        path = tmp_path / f"{on_invalid}.yaml"
+        path.write_text(POLICY_FILE.format(on_invalid=on_invalid))
+        return path
+
+    yield write
+    sys.modules.pop("serve_models", None)
+
+
+def assert_clean_422(r: httpx.Response, *leaks: object) -> list[dict[str, str]]:
+    """The guard's invalid-input shape, exactly, with none of the given input values in it."""
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert set(body) == {"error", "problems"}
+    assert body["error"] == "invalid_input"
+    assert body["problems"]
+    for problem in body["problems"]:
+        assert set(problem) == {"loc", "message"}
+        assert isinstance(problem["loc"], str)
+        assert isinstance(problem["message"], str)
+    for leak in ("Traceback", '"input"', *map(str, leaks)):
+        assert leak not in r.text
+    problems: list[dict[str, str]] = body["problems"]
+    return problems
 
 
 def request(app: Any, method: str, url: str, **kw: Any) -> httpx.Response:
@@ -41,16 +117,32 @@ class TestApp:
         assert r.headers["X-SafeServe-Degraded"] == "false"
 
     def test_body_is_validated_by_the_policy_schema(self) -> None:
-        app = build_app(POLICIES)
+        app = build_app(POLICIES)  # fraud: on_invalid: fallback
         r = request(app, "POST", "/v1/models/fraud/predict", json={"amount": "lots"})
-        assert r.status_code == 422
-        assert "Traceback" not in r.text
+        assert r.status_code == 200
+        assert r.headers["X-SafeServe-Degraded"] == "true"
+        assert r.headers["X-SafeServe-Served-By"] != "primary"
 
     def test_openapi_shows_the_schema_of_each_route(self) -> None:
         app = build_app(POLICIES)
         spec = request(app, "GET", "/openapi.json").json()
-        assert "/v1/models/fraud/predict" in spec["paths"]
-        assert "Txn" in spec["components"]["schemas"]
+        route = spec["paths"]["/v1/models/fraud/predict"]["post"]
+        body = route["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": "#/components/schemas/Txn"}
+        assert set(spec["components"]["schemas"]["Txn"]["properties"]) >= {"amount", "country"}
+        free = spec["paths"]["/v1/models/chargeback/predict"]["post"]["requestBody"]
+        assert free["content"]["application/json"]["schema"]["type"] == "object"
+
+    def test_openapi_documents_the_422_the_app_sends(self) -> None:
+        spec = request(build_app(POLICIES), "GET", "/openapi.json").json()
+        invalid = {"$ref": "#/components/schemas/InvalidInput"}
+        for operations in spec["paths"].values():
+            for operation in operations.values():
+                if "422" in operation["responses"]:
+                    assert operation["responses"]["422"]["content"]["application/json"] == {
+                        "schema": invalid
+                    }
+        assert "HTTPValidationError" not in spec["components"]["schemas"]
 
     def test_admin_routes_are_included(self) -> None:
         app = build_app(POLICIES, admin_token="s3cret")
@@ -69,6 +161,262 @@ class TestApp:
         assert r.headers["X-SafeServe-Served-By"] != "primary"
 
 
+class TestInvalidInput:
+    """A body the schema refuses: the policy's `on_invalid` decides, and nothing is echoed."""
+
+    def test_reject_answers_the_guards_shape_without_the_input(self, policy_file: Any) -> None:
+        path = policy_file("reject")
+        r = request(build_app(path), "POST", "/v1/models/fraud/predict", json=BAD_TXN)
+        problems = assert_clean_422(r, CARD, "DE")
+        # exactly what the guard's InputRejected carries
+        guarded = guard_model(ss_load(path)["fraud"])
+        with pytest.raises(InputRejected) as err:
+            guarded(BAD_TXN)
+        assert problems == [{"loc": p.loc, "message": p.message} for p in err.value.problems]
+        assert [p["loc"] for p in problems] == ["country", "card_number"]
+
+    @pytest.mark.parametrize("body", [[1, 2], "hello-zq9", None, 12345])
+    def test_reject_refuses_a_body_that_is_not_an_object(
+        self, policy_file: Any, body: object
+    ) -> None:
+        app = build_app(policy_file("reject"))
+        r = request(app, "POST", "/v1/models/fraud/predict", json=body)
+        problems = assert_clean_422(r, "hello-zq9", "12345", "[1,2]", "[1, 2]")
+        assert problems[0]["loc"] == "$"
+
+    def test_fallback_walks_the_fallbacks(self, policy_file: Any) -> None:
+        app = build_app(policy_file("fallback"))
+        for body in (BAD_TXN, [1, 2], "hello"):
+            r = request(app, "POST", "/v1/models/fraud/predict", json=body)
+            assert r.status_code == 200
+            assert r.json() == {"label": "review", "score": 0.0}
+            assert r.headers["X-SafeServe-Served-By"] == "default"
+            assert r.headers["X-SafeServe-Degraded"] == "true"
+
+    def test_fallback_without_fallbacks_is_a_clean_503(self, policy_file: Any) -> None:
+        app = build_app(policy_file("fallback"))
+        r = request(app, "POST", "/v1/models/bare/predict", json=BAD_TXN)
+        assert r.status_code == 503
+        assert r.json() == {"error": "unavailable", "policy": "bare"}
+        assert r.headers["X-SafeServe-Served-By"] == "none"
+
+    def test_flag_gives_the_primary_the_raw_body(self, policy_file: Any) -> None:
+        app = build_app(policy_file("flag"))
+        body = {"amount": 5, "country": "DE", "card_number": CARD}
+        r = request(app, "POST", "/v1/models/fraud/predict", json=body)
+        assert r.status_code == 200
+        assert r.json()["card_number_type"] == "int"  # not coerced: the schema refused it
+        assert r.headers["X-SafeServe-Served-By"] == "primary"
+        assert r.headers["X-SafeServe-Degraded"] == "false"
+
+    def test_a_valid_body_reaches_the_model_validated(self, policy_file: Any) -> None:
+        app = build_app(policy_file("reject"))
+        body = {"amount": 5, "country": "DE", "card_number": "4111"}
+        r = request(app, "POST", "/v1/models/fraud/predict", json=body)
+        assert r.status_code == 200
+        assert r.json()["card_number_type"] == "str"
+
+    def test_a_route_without_schema_wants_a_json_object(self, policy_file: Any) -> None:
+        app = build_app(policy_file("reject"))
+        r = request(app, "POST", "/v1/models/free/predict", json=["secret-zq9"])
+        assert assert_clean_422(r, "secret-zq9") == [
+            {"loc": "$", "message": "Input should be a JSON object"}
+        ]
+        r = request(app, "POST", "/v1/models/free/predict", json={"any": "thing"})
+        assert r.status_code == 200
+
+    @pytest.mark.parametrize(
+        "content",
+        [
+            b'{"amount": 5, "card_number": 4111111111111111',
+            b"{'amount': 5}",
+            b"",
+            b"[" * 100_000 + b"]" * 100_000,
+            b'{"amount": ' + b"4" * 5000 + b"}",
+            b'\xff\xfe{"a": 4111111111111111}',
+        ],
+        ids=["truncated", "single-quotes", "empty", "deep", "long-number", "not-utf8"],
+    )
+    def test_malformed_json_is_a_clean_422(self, policy_file: Any, content: bytes) -> None:
+        app = build_app(policy_file("fallback"))
+        headers = {"content-type": "application/json"}
+        r = request(app, "POST", "/v1/models/fraud/predict", content=content, headers=headers)
+        problems = assert_clean_422(r, CARD, "4444", "amount")
+        assert problems[0]["loc"] == "$"
+        assert problems[0]["message"].startswith("not valid JSON")
+
+    def test_fastapis_own_validation_answers_the_same_shape(self) -> None:
+        app = build_app(POLICIES)
+
+        @app.get("/probe")
+        def probe(n: int) -> int:
+            return n
+
+        r = request(app, "GET", "/probe", params={"n": "secret-zq9"})
+        assert assert_clean_422(r, "secret-zq9") == [
+            {
+                "loc": "query.n",
+                "message": "Input should be a valid integer, unable to parse string as an integer",
+            }
+        ]
+
+    def test_a_model_error_never_reaches_the_body(self, policy_file: Any) -> None:
+        app = build_app(policy_file("reject"))
+        r = request(app, "POST", "/v1/models/bare/predict", json=TXN)
+        assert r.status_code == 503
+        assert SECRET not in r.text
+        assert "RuntimeError" not in r.text
+
+
+class TestRequestsRefused:
+    """Bodies that are not JSON, too large, or sent with the wrong method: short clean answers."""
+
+    def test_a_body_that_says_it_is_not_json_is_415(self) -> None:
+        app = build_app(POLICIES)
+        for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+            r = request(
+                app,
+                "POST",
+                "/v1/models/fraud/predict",
+                content=b"amount=5&card=4111111111111111",
+                headers={"content-type": content_type},
+            )
+            assert r.status_code == 415
+            assert r.json() == {"error": "unsupported_media_type"}
+
+    def test_json_variants_and_no_content_type_are_read_as_json(self) -> None:
+        app = build_app(POLICIES)
+        for headers in (
+            {"content-type": "application/json; charset=utf-8"},
+            {"content-type": "application/vnd.api+json"},
+            {},
+        ):
+            r = request(
+                app,
+                "POST",
+                "/v1/models/fraud/predict",
+                content=b'{"amount": 120.0, "country": "DE"}',
+                headers=headers,
+            )
+            assert r.status_code == 200, headers
+            assert r.headers["X-SafeServe-Served-By"] == "primary"
+
+    def test_a_body_over_the_limit_is_413(self) -> None:
+        app = build_app(POLICIES, max_body_bytes=1000)
+        big = b'{"amount": 1, "country": "DE", "pad": "' + b"x" * 2000 + b'"}'
+        r = request(app, "POST", "/v1/models/fraud/predict", content=big)
+        assert r.status_code == 413
+        assert r.json() == {"error": "body_too_large"}
+
+        async def chunks() -> Any:  # no content-length: counted while it streams in
+            for _ in range(10):
+                yield b" " * 200
+
+        r = request(app, "POST", "/v1/models/fraud/predict", content=chunks())
+        assert r.status_code == 413
+
+    def test_wrong_method_and_unknown_model(self) -> None:
+        app = build_app(POLICIES)
+        r = request(app, "GET", "/v1/models/fraud/predict")
+        assert r.status_code == 405
+        r = request(app, "POST", "/v1/models/nope-zq9/predict", json=TXN)
+        assert r.status_code == 404
+        assert "nope-zq9" not in r.text
+
+
+def ss_load(path: Path) -> Any:
+    from safeserve.config import load_policies
+
+    return load_policies(path)
+
+
+class TestServeCommand:
+    """`safeserve serve`'s own errors: one line each, no traceback, exit 2 (1 for a bad file)."""
+
+    def run(self, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+        code = main(["serve", *args])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return code, err
+
+    @pytest.mark.parametrize(
+        ("args", "message"),
+        [
+            (["--port", "99999"], "safeserve serve: --port must be 0-65535, not 99999\n"),
+            (["--port", "-1"], "safeserve serve: --port must be 0-65535, not -1\n"),
+            (["--workers", "0"], "safeserve serve: --workers must be 1 or more, not 0\n"),
+            (
+                ["--max-body-bytes", "0"],
+                "safeserve serve: --max-body-bytes must be 1 or more, not 0\n",
+            ),
+        ],
+    )
+    def test_bad_options_are_one_line_and_exit_2(
+        self, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+    ) -> None:
+        assert self.run(capsys, str(POLICIES), *args) == (2, message)
+
+    def test_a_missing_file(self, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+        path = tmp_path / "nope.yaml"
+        assert self.run(capsys, str(path)) == (2, f"safeserve serve: no such file: {path}\n")
+
+    def test_a_bad_file_prints_its_problems_as_check_does(
+        self, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    ) -> None:
+        path = tmp_path / "bad.yaml"
+        path.write_text("policies:\n  fraud:\n    timeout_s: -1\n")
+        code, err = self.run(capsys, str(path))
+        assert code == 1
+        assert err.startswith(f"{path}: policies.fraud.timeout_s: ")
+
+    def test_allow_module_restricts_import_paths(self, capsys: pytest.CaptureFixture[str]) -> None:
+        code, err = self.run(capsys, str(POLICIES), "--allow-module", "elsewhere.")
+        assert code == 1
+        assert (
+            f"{POLICIES}: policies.fraud.model: 'examples.fraud_models:predict_v3' is not " in err
+        )
+        assert "outside 'elsewhere.'" in err
+
+    def test_help_lists_allow_module(self, capsys: pytest.CaptureFixture[str]) -> None:
+        assert main(["serve", "--help"]) == 0
+        out = capsys.readouterr().out
+        assert "--allow-module PREFIX" in out
+        assert "--max-body-bytes N" in out
+
+    def test_a_policy_without_model_is_named_in_a_warning(
+        self, capsys: pytest.CaptureFixture[str], policy_file: Any
+    ) -> None:
+        with socket.socket() as taken:  # a port in use: serve stops after its checks
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = str(taken.getsockname()[1])
+            code, err = self.run(capsys, str(policy_file("reject")), "--port", port)
+        assert code == 2
+        assert err.splitlines() == [
+            "safeserve serve: warning: policy 'decorators_only' names no model: no route",
+            f"safeserve serve: cannot listen on 127.0.0.1:{port}: Address already in use",
+        ]
+
+    def test_no_policy_with_a_model_exits_2(
+        self, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    ) -> None:
+        path = tmp_path / "none.yaml"
+        path.write_text("policies:\n  a:\n    timeout_s: 1\n  b:\n    timeout_s: 2\n")
+        code, err = self.run(capsys, str(path))
+        assert code == 2
+        assert err.splitlines() == [
+            "safeserve serve: warning: policy 'a' names no model: no route",
+            "safeserve serve: warning: policy 'b' names no model: no route",
+            f"safeserve serve: no policy in {path} names a model: nothing to serve",
+        ]
+
+    def test_a_host_that_does_not_resolve(self, capsys: pytest.CaptureFixture[str]) -> None:
+        code, err = self.run(capsys, str(POLICIES), "--host", "999.1.1.1", "--port", "0")
+        assert code == 2
+        assert err.startswith("safeserve serve: cannot listen on 999.1.1.1:0: ")
+        assert len(err.splitlines()) == 1
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -79,12 +427,14 @@ def test_safeserve_serve_runs_a_real_uvicorn(tmp_path: Path) -> None:
     """The CLI starts uvicorn on a loopback port and answers a predict request."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed below, after the process
+    args = ["serve", str(POLICIES), "--port", str(port), "--max-body-bytes", "100000"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "safeserve.cli", "serve", str(POLICIES), "--port", str(port)],
+        [sys.executable, "-m", "safeserve.cli", *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=log,
     )
     try:
         deadline = time.monotonic() + 20
@@ -98,6 +448,18 @@ def test_safeserve_serve_runs_a_real_uvicorn(tmp_path: Path) -> None:
                 time.sleep(0.1)
         assert r.status_code == 200
         assert r.headers["X-SafeServe-Served-By"] == "primary"
+        url = f"http://127.0.0.1:{port}/v1/models/fraud/predict"
+        r = httpx.post(url, json=BAD_TXN)
+        assert r.status_code == 200
+        assert r.headers["X-SafeServe-Degraded"] == "true"
+        r = httpx.post(url, content=b"{" * 200_000, headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        r = httpx.post(url, content=b'{"amount": 1, "country": ', headers={})
+        assert r.status_code == 422
     finally:
         proc.terminate()
         proc.wait(10)
+        log.seek(0)
+        stderr = log.read().decode(errors="replace")
+        log.close()
+    assert "Traceback" not in stderr

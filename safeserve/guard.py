@@ -250,6 +250,8 @@ class Guard(DegradationPath):
         if healthy:
             served["primary"] = served.get("primary", 0) + healthy
         pool = self._p.pool
+        writer = self._p.writer
+        counts["log_write_failures"] = writer.failed if writer is not None else 0  # per sink
         out: dict[str, Any] = {
             "calls": healthy + counts["degraded"] + counts["rejected"],
             "served_by": served,

@@ -56,7 +56,10 @@ class LogWriter:
 
     def __init__(self, sink: Sink, queue_size: int) -> None:
         self.sink = sink
-        self.dropped = 0
+        self.dropped = 0  # records refused by a full queue (reported later as a drops record)
+        self.failed = 0  # records the sink refused (a write error, a raising callable)
+        self._last_error: str | None = None
+        self._failed_reported = 0  # `failed` as of the last flush
         self._reported_drops = 0
         self._queue: queue.Queue[Any] = queue.Queue(queue_size)
         self._lock = threading.Lock()
@@ -70,6 +73,13 @@ class LogWriter:
             [] if callable(sink) else [structlog.processors.JSONRenderer(serializer=_serializer())]
         )
         self._pending: list[Any] = []
+        if not callable(sink) and sink != "stdout":
+            self._fd = self._open()  # a sink that cannot be opened fails now, not per record
+
+    def _open(self) -> int:
+        path = Path(self.sink)  # type: ignore[arg-type]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     # -- caller side -------------------------------------------------------------------------
     def submit(self, record: Record) -> bool:
@@ -89,17 +99,22 @@ class LogWriter:
         return True
 
     def flush(self, timeout_s: float = 5.0) -> bool:
-        """Wait until everything queued so far is written; False on timeout."""
+        """Wait until everything queued so far is written; False on timeout, or when the sink
+        refused records since the previous flush."""
         if self._thread is None or not self._thread.is_alive():
             with self._lock:
                 self._drain_inline()
-            return True
+            return self._nothing_lost()
         done = threading.Event()
         try:
             self._queue.put(done, timeout=timeout_s)
         except queue.Full:
             return False
-        return done.wait(timeout_s)
+        return done.wait(timeout_s) and self._nothing_lost()
+
+    def _nothing_lost(self) -> bool:
+        lost, self._failed_reported = self.failed - self._failed_reported, self.failed
+        return not lost
 
     # -- writer side -------------------------------------------------------------------------
     def _start(self) -> None:
@@ -156,39 +171,61 @@ class LogWriter:
             except Exception as exc:  # a record that cannot be rendered must not stop the log
                 bad = _DropsRecord(1, f"unrenderable: {type(exc).__name__}")
                 self._pending.append(self._render(bad.to_record()))
-        try:
-            self._emit()
-        except OSError as exc:
-            print(f"safeserve: cannot write decision log {self.sink}: {exc}", file=sys.stderr)
+        lost = self._emit()
+        if lost:
+            self.failed += lost
+
+    @property
+    def name(self) -> str:
+        """The sink as a label: its path, "stdout", or the callable's name."""
+        if callable(self.sink):
+            return str(getattr(self.sink, "__qualname__", type(self.sink).__name__))
+        return str(self.sink)
+
+    def _failed(self, exc: Exception) -> None:
+        """Say once per kind of error (not once per record) that the sink refuses records."""
+        error = f"{type(exc).__name__}: {exc}"
+        if error != self._last_error:
+            self._last_error = error
+            print(f"safeserve: decision log {self.name} refused records: {error}", file=sys.stderr)
 
     def _render(self, event: Any) -> Any:
         for processor in self._processors:
             event = processor(None, "msg", event)
         return event
 
-    def _emit(self) -> None:
+    def _emit(self) -> int:
+        """Hand the pending records to the sink; the number it refused."""
         pending, self._pending = self._pending, []
         if not self._processors:
+            lost = 0
             for event in pending:
-                self.sink(event)  # type: ignore[operator]
-            return
+                try:
+                    self.sink(event)  # type: ignore[operator]
+                except Exception as exc:  # the user's callable: count and carry on
+                    lost += 1
+                    self._failed(exc)
+            return lost
         lines: list[bytes] = pending
         if not lines:
-            return
+            return 0
         data = b"\n".join(lines) + b"\n"
-        if self.sink == "stdout":
-            sys.stdout.write(data.decode())
-            sys.stdout.flush()
-            return
-        if self._fd is None:
-            path = Path(self.sink)  # type: ignore[arg-type]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        # One write of whole lines, appended: replicas sharing a file never split a line.
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+        written = 0
+        try:
+            if self.sink == "stdout":
+                sys.stdout.write(data.decode())
+                sys.stdout.flush()
+                return 0
+            if self._fd is None:
+                self._fd = self._open()
+            # One write of whole lines, appended: replicas sharing a file never split a line.
+            view = memoryview(data)
+            while written < len(data):
+                written += os.write(self._fd, view[written:])
+        except (OSError, ValueError) as exc:
+            self._failed(exc)
+            return len(lines) - data.count(b"\n", 0, written)  # the lines not (wholly) written
+        return 0
 
     def _after_fork(self) -> None:
         self._thread = None

@@ -17,7 +17,7 @@ from safeserve.decisions import InputRecorder, OpenAggregate
 from safeserve.errors import PolicyError, Problem
 from safeserve.fallbacks import CacheStep, FallbackStep, build_steps
 from safeserve.logwriter import LogWriter, writer_for
-from safeserve.policy import Policy
+from safeserve.policy import DecisionLogConfig, Policy
 from safeserve.profile import Profiler
 from safeserve.retry import RetryRunner
 from safeserve.timeouts import WorkerPool
@@ -82,6 +82,7 @@ class Pipeline:
             if log is not None and log.trace
             else None
         )
+        self.writer = _writer(log)  # before any thread starts: a bad sink fails the policy
         unprofiled = frozenset((log.redact + log.hash) if log else [])
         self.schema = (
             SchemaValidator(val.schema, fn) if val is not None and val.schema is not None else None
@@ -99,7 +100,9 @@ class Pipeline:
         self.check_finite = policy.check_finite
         self.output_check = OutputCheck(self.output_schema, policy.check_finite)
         self.confidence = ConfidenceCheck(policy.confidence) if policy.confidence else None
-        self.steps: list[FallbackStep] = build_steps(policy.fallbacks, policy.name)
+        self.steps: list[FallbackStep] = build_steps(
+            policy.fallbacks, policy.name, batch_primary=policy.batch
+        )
         self.caches = [s for s in self.steps if isinstance(s, CacheStep)]
         # -- deadline, retries, bulkhead
         self.timeout_s = policy.timeout_s
@@ -115,11 +118,6 @@ class Pipeline:
         # (an abandoned call keeps it), not when the caller gives up.
         self.slot_release = self.bulkhead.release if self.bulkhead is not None else None
         # -- records
-        self.writer: LogWriter | None = (
-            writer_for(log.sink, log.queue_size)
-            if log is not None and log.sink is not None
-            else None
-        )
         self.sample_rate = log.sample_rate if log is not None else 0.0
         self.include_inputs = log.include_inputs if log is not None else True
         self.include_outputs = log.include_outputs if log is not None else False
@@ -210,6 +208,17 @@ class Pipeline:
         if self.max_wait_s and may_block:
             return self.bulkhead.acquire(timeout=self.max_wait_s)
         return self.bulkhead.acquire(blocking=False)
+
+
+def _writer(log: DecisionLogConfig | None) -> LogWriter | None:
+    """The writer of the policy's sink (opened now, so a sink that cannot be written fails)."""
+    if log is None or log.sink is None:
+        return None
+    try:
+        return writer_for(log.sink, log.queue_size)
+    except OSError as exc:
+        problem = f"log.sink: cannot append to {str(log.sink)!r}: {exc.strerror or exc}"
+        raise PolicyError([problem]) from None
 
 
 def _baseline(source: Any) -> Any:

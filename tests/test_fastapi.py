@@ -293,6 +293,28 @@ class TestAdminRoutes:
         assert 'safeserve_log_dropped_records_total{policy="admin-a"} 0.0' in text
         admin_router(guards)  # a second registry for the same guards is fine
 
+    def test_metrics_count_records_the_sink_refused(self) -> None:
+        """A sink shared by two guards that refuses records is one counter, labelled by sink."""
+
+        def refusing_sink(record: dict[str, Any]) -> None:
+            raise OSError("collector down")
+
+        log = ss.DecisionLogConfig(sink=refusing_sink)
+        shared = [
+            ss.guard(name=f"refused-{i}", fallbacks=[ss.Fallback.static("s", 0)], log=log)(
+                lambda x: 1 / 0
+            )
+            for i in range(2)
+        ]
+        for g in shared:
+            assert g(1) == 0
+        ss.flush_logs()
+        text = run(self.admin(shared), ("GET", "/safeserve/metrics", {}))[0].text
+        line = 'safeserve_log_write_failures_total{sink="' + refusing_sink.__qualname__ + '"} 2.0'
+        assert line in text
+        for g in shared:  # off the failing sink: later tests' records must not fail there
+            g.reload(g.policy.model_copy(update={"log": None}))
+
     @pytest.mark.parametrize(
         ("token", "authorization", "status"),
         [

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 import safeserve as ss
 
 
@@ -67,3 +69,56 @@ def test_full_log_queue_drops_are_counted_and_reported() -> None:
     drops = [r for r in seen if r["kind"] == "drops"]
     assert len(decisions) + dropped == 50
     assert sum(int(r["count"]) for r in drops) == dropped  # type: ignore[call-overload]
+
+
+class TestSinkFailures:
+    """A sink that refuses records: the guard keeps serving, and the loss is counted, never
+    silent (stats, `flush_logs()`, one warning per kind of error)."""
+
+    @staticmethod
+    def crashing(sink: object) -> ss.Guarded:
+        def predict(x: int) -> int:
+            raise ConnectionError("down")
+
+        return ss.guard(
+            name="sink-failures",
+            fallbacks=[ss.Fallback.static("default", 0)],
+            log=ss.DecisionLogConfig(sink=sink),  # type: ignore[arg-type]
+        )(predict)
+
+    def test_a_sink_that_cannot_be_opened_fails_the_policy(self, tmp_path: Path) -> None:
+        """A path under a regular file is refused when the guard is made, naming the field."""
+        blocker = tmp_path / "not-a-dir"
+        blocker.write_text("")
+        with pytest.raises(ss.PolicyError, match=r"log\.sink: cannot append to"):
+            self.crashing(str(blocker / "decisions.jsonl"))
+
+    def test_a_raising_callable_sink_is_counted(self, capsys: pytest.CaptureFixture[str]) -> None:
+        def sink(record: dict[str, object]) -> None:
+            raise RuntimeError("collector down")
+
+        predict = self.crashing(sink)
+        for i in range(3):
+            assert predict(i) == 0  # still served
+        assert ss.flush_logs() is False
+        assert predict.stats()["log_write_failures"] == 3
+        warnings = [line for line in capsys.readouterr().err.splitlines() if "refused" in line]
+        assert len(warnings) == 1  # once per kind of error, not per record
+        assert "collector down" in warnings[0]
+        detach(predict)
+        assert ss.flush_logs() is True  # each loss is reported once
+
+    def test_a_full_disk_is_counted(self) -> None:
+        """Writes to /dev/full fail with ENOSPC: the records are counted as lost."""
+        predict = self.crashing("/dev/full")
+        for i in range(4):
+            assert predict(i) == 0
+        assert ss.flush_logs() is False
+        assert predict.stats()["log_write_failures"] == 4
+        detach(predict)
+
+
+def detach(guard: ss.Guarded) -> None:
+    """Take a guard off its failing sink, so later tests' records (breaker resets under
+    `ss.testing()`) do not fail there and turn their `flush_logs()` False."""
+    guard.reload(guard.policy.model_copy(update={"log": None}))

@@ -34,6 +34,7 @@ _COUNTERS = {
     "calls": ("Guarded calls by how they were served", ["policy", "served_by"]),
     "degradations": ("Degraded calls by reason", ["policy", "reason"]),
     "log_dropped_records": ("Decision records dropped by a full log queue", ["policy"]),
+    "log_write_failures": ("Decision records the log sink refused (write errors)", ["sink"]),
 }
 _STATES = ("closed", OPEN, HALF_OPEN, FORCED_OPEN, DISABLED, METRICS_ONLY)
 
@@ -76,6 +77,9 @@ class _Collector(Collector):
         counts: dict[str, Counter[tuple[str, ...]]] = {name: Counter() for name in _COUNTERS}
         states: dict[str, str] = {}
         latency: dict[str, tuple[list[int], float]] = {}
+        writers = {id(w): w for g in self.guards() if (w := g.policy_writer()) is not None}
+        for w in writers.values():  # a sink shared by guards is counted once
+            counts["log_write_failures"][(w.name,)] = w.failed
         for g in self.guards():
             stats = g.stats()
             counts["calls"].update({(g.name, str(k)): n for k, n in stats["served_by"].items()})

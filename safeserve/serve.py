@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from safeserve.config import load_policies
+from safeserve.configfile import SUFFIXES
 from safeserve.decisions import json_safe
 from safeserve.decorator import guard_model
 from safeserve.errors import InputRejected, NoFallbackAvailable, PolicyError, Problem
@@ -314,8 +315,10 @@ def serve(
     err = err if err is not None else sys.stderr
     prefix = "safeserve serve"
     path = Path(policies_path)
-    try:
-        # fail here, with the file's problems, not in a worker
+    if path.suffix.lower() not in SUFFIXES:
+        print(f"{prefix}: {policies_path}: not a .yaml, .yml or .toml file", file=err)
+        return 2
+    try:  # fail here, with the file's problems, not in a worker
         app = build_app(path, admin_token, allowed_modules, max_body_bytes)
     except FileNotFoundError:
         print(f"{prefix}: no such file: {policies_path}", file=err)
@@ -336,6 +339,10 @@ def serve(
     if refusal is not None:
         print(f"{prefix}: cannot listen on {host}:{port}: {refusal}", file=err)
         return 2
+    if workers == 1:  # serve the app just checked
+        uvicorn.run(app, host=host, port=port, log_level="info")
+        return 0
+    # each worker process builds its own app from the file (uvicorn needs an import string)
     os.environ[POLICIES_ENV] = str(path.resolve())
     os.environ[MAX_BODY_ENV] = str(max_body_bytes)
     if allowed_modules:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,9 +17,10 @@ from typing import Any
 import httpx
 import pytest
 
+import safeserve.serve as serve_module
 from safeserve.cli import main
 from safeserve.decorator import guard_model
-from safeserve.errors import InputRejected
+from safeserve.errors import InputRejected, PolicyError
 from safeserve.serve import build_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -324,6 +326,18 @@ class TestRequestsRefused:
         assert "nope-zq9" not in r.text
 
 
+def test_workers_build_the_app_with_the_same_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--workers N`: each worker's app keeps the allow-list and the body limit."""
+    monkeypatch.setenv(serve_module.POLICIES_ENV, str(POLICIES))
+    monkeypatch.setenv(serve_module.MAX_BODY_ENV, "100")
+    app = serve_module.app_from_env()
+    r = request(app, "POST", "/v1/models/fraud/predict", content=b"[" + b" " * 200 + b"]")
+    assert r.status_code == 413
+    monkeypatch.setenv(serve_module.ALLOWED_ENV, "elsewhere.\nalso.")
+    with pytest.raises(PolicyError, match=re.escape("is outside 'elsewhere.', 'also.' ")):
+        serve_module.app_from_env()
+
+
 def ss_load(path: Path) -> Any:
     from safeserve.config import load_policies
 
@@ -359,6 +373,14 @@ class TestServeCommand:
     def test_a_missing_file(self, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
         path = tmp_path / "nope.yaml"
         assert self.run(capsys, str(path)) == (2, f"safeserve serve: no such file: {path}\n")
+
+    def test_not_a_policy_file(self, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+        path = tmp_path / "policies.txt"
+        path.write_text("policies: {}\n")
+        assert self.run(capsys, str(path)) == (
+            2,
+            f"safeserve serve: {path}: not a .yaml, .yml or .toml file\n",
+        )
 
     def test_a_bad_file_prints_its_problems_as_check_does(
         self, capsys: pytest.CaptureFixture[str], tmp_path: Path

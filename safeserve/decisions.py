@@ -6,20 +6,34 @@ for one); building it is the cost of a degradation, never of a healthy call.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import itertools
-import math
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from safeserve.recording import REDACTED, InputRecorder, Recorded, Scrubber, json_safe
+
+__all__ = [  # `InputRecorder` and `json_safe` live in `recording`; re-exported for their users
+    "SCHEMA_VERSION",
+    "Attempt",
+    "Decision",
+    "InputRecorder",
+    "OpenAggregate",
+    "Outcome",
+    "RawAttempt",
+    "RawReason",
+    "Reason",
+    "Record",
+    "describe_error",
+    "json_safe",
+    "new_id",
+    "now_utc",
+]
 SCHEMA_VERSION = 1
 _ERROR_CHARS = 200
 
@@ -121,6 +135,11 @@ class Record:
 
     __slots__ = (
         "_decision",
+        "_inputs",
+        "_output",
+        "_recorder",
+        "_scrubber",
+        "_secrets",
         "attempts",
         "batch_id",
         "breaker_state",
@@ -128,10 +147,8 @@ class Record:
         "degraded",
         "flagged",
         "id",
-        "inputs",
         "latency_ms",
         "model_version",
-        "output",
         "owner",
         "policy",
         "reasons",
@@ -167,11 +184,49 @@ class Record:
         self.confidence = confidence
         self.breaker_state = breaker_state
         self.latency_ms = latency_ms
-        self.inputs: Any = _UNSET
-        self.output: Any = _UNSET
+        self._inputs: Any = _UNSET
+        self._output: Any = _UNSET
+        self._recorder: InputRecorder | None = None
+        self._secrets: Sequence[tuple[Any, str]] = ()
+        self._scrubber: Scrubber | None = None
         self.row: int | None = None
         self.batch_id: str | None = None
         self._decision: Decision | None = None
+
+    @property
+    def inputs(self) -> Any:
+        """The recorded input (already redacted and hashed); `_UNSET` when not recorded."""
+        return self._inputs
+
+    @inputs.setter
+    def inputs(self, value: Any) -> None:
+        # `record.inputs = recorder(x)`: a `Recorded` also hands over what must stay out of the
+        # log (the call's redacted and hashed values), scrubbed from every string at `to_record`.
+        if isinstance(value, Recorded):
+            self.keep(value)
+            self._inputs = value.value
+        else:
+            self._inputs = value
+
+    @property
+    def output(self) -> Any:
+        """The served answer: recorded by the recorder, or as given (then redacted by key when
+        the record is rendered)."""
+        out = self._output
+        return out.value if isinstance(out, Recorded) else out
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        if isinstance(value, Recorded):  # already redacted by key; its values scrubbed too
+            self._recorder = value.recorder
+            self._scrubber = None
+        self._output = value
+
+    def keep(self, recorded: Recorded) -> None:
+        """Remember what the recorder found (the values to scrub), without recording the input."""
+        self._recorder = recorded.recorder
+        self._secrets = recorded.secrets
+        self._scrubber = None
 
     def to_record(self) -> dict[str, Any]:
         """The JSON-safe log line (SPEC 2)."""
@@ -196,11 +251,41 @@ class Record:
             "row": self.row,
             "batch_id": self.batch_id,
         }
-        if self.inputs is not _UNSET:
-            rec["inputs"] = self.inputs
-        if self.output is not _UNSET:
+        if self._inputs is not _UNSET:
+            rec["inputs"] = self._inputs
+        if self._output is not _UNSET:
             rec["output"] = self.output
+        if self._recorder is not None:
+            self._redact(rec)
         return rec
+
+    def _redact(self, rec: dict[str, Any]) -> None:
+        """Keep the call's redacted and hashed values out of the rendered record: by key in the
+        output, by value in every free-text field (at render time, off the call path)."""
+        recorder = self._recorder
+        assert recorder is not None
+        if not self._secrets and "output" not in rec:
+            return  # nothing met that could be written anywhere
+        try:
+            found: list[tuple[Any, str]] = []
+            output = self._output
+            if isinstance(output, Recorded):
+                found = output.secrets
+            elif "output" in rec:  # given as is (`json_safe`): redacted by key here
+                rec["output"] = recorder.redact_keys(rec["output"], found)
+            scrubber = self._scrubber
+            if scrubber is None:  # the same answer finds the same fields: built once per record
+                scrubber = self._scrubber = Scrubber([*self._secrets, *found])
+            if scrubber:
+                scrubber.record(rec)
+        except Exception:  # fail closed: a record we could not scrub keeps no free text at all
+            for item in (*rec["reasons"], *rec["attempts"]):
+                for key in ("detail", "error"):
+                    if item.get(key) is not None:
+                        item[key] = REDACTED
+            for key in ("inputs", "output"):
+                if key in rec:
+                    rec[key] = REDACTED
 
     def decision(self) -> Decision:
         """The pydantic `Decision` of this record (built once, from the log line)."""
@@ -289,55 +374,3 @@ def describe_error(exc: BaseException) -> str:
     name = type(exc).__name__
     out = f"{name}: {text}" if text else name
     return out if len(out) <= _ERROR_CHARS else out[: _ERROR_CHARS - 1] + "…"
-
-
-def json_safe(value: Any, depth: int = 0) -> Any:
-    """A JSON-serialisable copy of `value` (numpy, pydantic, sets, non-finite floats handled)."""
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if depth > 20:
-        return repr(value)[:200]
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v, depth + 1) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [json_safe(v, depth + 1) for v in value]
-    if isinstance(value, np.ndarray):
-        return json_safe(value.tolist(), depth + 1)
-    if isinstance(value, np.generic):
-        return json_safe(value.item(), depth + 1)
-    if isinstance(value, BaseModel):
-        return json_safe(value.model_dump(mode="json"), depth + 1)
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return repr(value)[:200]
-
-
-class InputRecorder:
-    """Prepares an input for a record: redacted fields dropped, hashed ones salted-hashed."""
-
-    __slots__ = ("_hash", "_redact", "_salt")
-
-    def __init__(self, redact: list[str], hash_fields: list[str], salt: str | None) -> None:
-        self._redact = frozenset(redact)
-        self._hash = frozenset(hash_fields)
-        salt = salt or os.environ.get("SAFESERVE_HASH_SALT") or os.urandom(16).hex()
-        self._salt = salt.encode()
-
-    def hash_value(self, value: Any) -> str:
-        """A salted SHA-256 of the value's JSON form (first 32 hex digits)."""
-        data = repr(json_safe(value)).encode()
-        return hmac.new(self._salt, data, hashlib.sha256).hexdigest()[:32]
-
-    def __call__(self, value: Any) -> Any:
-        if isinstance(value, BaseModel):
-            value = value.model_dump()
-        if not isinstance(value, Mapping):
-            return json_safe(value)
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            if k in self._redact:
-                continue
-            out[str(k)] = self.hash_value(v) if k in self._hash else json_safe(v)
-        return out

@@ -19,11 +19,11 @@ AsyncGuarded = AsyncGuard
 def guard(policy: Callable[..., Any], /) -> Guarded: ...
 @overload
 def guard(
-    policy: Policy | None = None, /, **fields: Any
+    policy: Policy | None = None, **fields: Any
 ) -> Callable[[Callable[..., Any]], Guarded] | Guarded: ...
 
 
-def guard(policy: Policy | Callable[..., Any] | None = None, /, **fields: Any) -> Any:
+def guard(policy: Policy | Callable[..., Any] | None = None, **fields: Any) -> Any:
     """Guard a predict function with a policy; `fields` override or replace the policy's.
 
     `@ss.guard(policy)`, `@ss.guard(name="m", timeout_s=0.1)`, or `ss.guard(policy)` alone

@@ -8,6 +8,7 @@ call knows.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import threading
@@ -20,7 +21,7 @@ from safeserve.breaker import REJECTED, Breaker
 from safeserve.confidence import ConfidenceCheck
 from safeserve.context import note
 from safeserve.decisions import Outcome, RawAttempt, RawReason, Record, describe_error, json_safe
-from safeserve.errors import InputRejected, NoFallbackAvailable, Overloaded
+from safeserve.errors import InputRejected, NoFallbackAvailable, Overloaded, PolicyError
 from safeserve.fallbacks import FallbackStep, NoAnswer
 from safeserve.pipeline import Pipeline
 from safeserve.tracing import SpanAnnotator
@@ -210,6 +211,7 @@ class DegradationPath:
     def _fallback_sync(
         self, d: Degradation, t0: float, want: bool, notices: list[RawReason] | None = None
     ) -> Any:
+        _check_not_decorating(d)
         if notices:
             d.reasons.extend(notices)
         fb_args = d.args[d.offset :]
@@ -400,6 +402,25 @@ class DegradationPath:
                     self._served[served_by] = self._served.get(served_by, 0) + 1
             for code in set(codes):  # calls per reason, not reasons per call
                 self._reasons[code] = self._reasons.get(code, 0) + 1
+
+
+def _check_not_decorating(d: Degradation) -> None:
+    """`@ss.guard(policy)` over a function, where the policy names its own model: the guard
+    of that model was returned, and the decorator line called it with the function as the
+    input. Said plainly here (a degraded call is the only place it can surface) instead of
+    binding the function's name to a fallback's answer."""
+    model = d.p.policy.model
+    if model is not None and d.offset == 0 and len(d.args) == 1 and not d.kwargs:
+        fn = d.args[0]
+        if inspect.isfunction(fn) and fn is not model:
+            raise PolicyError(
+                [
+                    f"{d.p.policy.name}.model: this policy names its model"
+                    f" ({getattr(model, '__qualname__', model)!r}), so ss.guard(policy) is the"
+                    f" guard itself, not a decorator; to guard {fn.__qualname__!r} instead,"
+                    " drop `model` from the policy or pass ss.guard(policy, model=None)"
+                ]
+            )
 
 
 def input_of(args: tuple[Any, ...], offset: int) -> Any:

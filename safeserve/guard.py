@@ -12,6 +12,7 @@ needs is made on the degraded branch only (`degrade.py`). `Guard.__call__` and
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import inspect
 import itertools
@@ -134,6 +135,16 @@ class Guard(DegradationPath):
         from safeserve.batch import run_batch
 
         return run_batch(self, rows, feature_names)
+
+    def bound_to(self, obj: Any) -> Guard:
+        """This guard with `obj` as the model's first argument (a method's `self`), sharing
+        every piece of state: breaker, counters, log and bulkhead. What `.batch` of a guarded
+        method runs on."""
+        p = copy.copy(self._p)
+        p.fn = functools.partial(p.fn, obj)
+        twin = copy.copy(self)
+        twin._p = p
+        return twin
 
     def _retry_sync(
         self,
@@ -445,6 +456,9 @@ class _Bound:
 
     def call(self, *args: Any, **kwargs: Any) -> Any:
         return self._guard(self._obj, *args, _ss_offset=1, _ss_want=True, **kwargs)
+
+    def batch(self, rows: Any, *, feature_names: list[str] | None = None) -> Any:
+        return self._guard.bound_to(self._obj).batch(rows, feature_names=feature_names)
 
     @property
     def __signature__(self) -> inspect.Signature:

@@ -227,6 +227,44 @@ class TestPlainGuards:
         assert out.values == [2.0, 3.0]
 
 
+class TestMethods:
+    """`.batch` of a guarded method passes the instance to the model, as a call does."""
+
+    def test_plain_method(self) -> None:
+        class Model:
+            def __init__(self, scale: float) -> None:
+                self.scale = scale
+
+            @ss.guard(name=f"method-{time.monotonic_ns()}", fallbacks=[ss.Fallback.static("s", -1)])
+            def predict(self, x: dict[str, Any]) -> float:
+                return float(x["a"]) * self.scale
+
+        model = Model(2.0)
+        out = model.predict.batch([{"a": 1.0}, {"a": 2.0}])
+        assert (out.values, out.served_by) == ([2.0, 4.0], ["primary", "primary"])
+        assert Model.predict.stats()["calls"] == 2  # counted on the one guard
+
+    def test_batch_method(self) -> None:
+        class Model:
+            offset = 10.0
+
+            @ss.guard(name=f"bmethod-{time.monotonic_ns()}", batch=True)
+            def predict(self, rows: list[dict[str, Any]]) -> list[float]:
+                return [float(r["a"]) + self.offset for r in rows]
+
+        out = Model().predict.batch([{"a": 1.0}, {"a": 2.0}])
+        assert out.values == [11.0, 12.0]
+
+    def test_async_method(self) -> None:
+        class Model:
+            @ss.guard(name=f"amethod-{time.monotonic_ns()}")
+            async def predict(self, x: dict[str, Any]) -> float:
+                return float(x["a"]) + 1
+
+        out = asyncio.run(Model().predict.batch([{"a": 1.0}]))
+        assert out.values == [2.0]
+
+
 class TestPrimaryFailures:
     """Retries, bisection to the poison rows, the breaker, the time budget."""
 

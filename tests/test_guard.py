@@ -315,6 +315,33 @@ class TestPolicyFields:
         assert out.decision.policy == "p"
         assert out.decision.owner == "o"
 
+    def test_policy_by_keyword(self) -> None:
+        """SPEC's signature is `ss.guard(policy=None, **fields)`: the keyword works too."""
+        policy = ss.Policy(name="kw", fallbacks=[ss.Fallback.static("s", 1)])
+        g = ss.guard(policy=policy, owner="team")(lambda x: x)
+        assert (g.policy.name, g.policy.owner, g(5)) == ("kw", "team", 5)
+
+    def test_decorating_with_a_policy_that_names_its_model_is_an_error(self) -> None:
+        """`ss.guard(policy)` of a policy with `model` is that model's guard; using it as a
+        decorator raises instead of binding the function's name to a fallback's answer."""
+
+        def model(x: dict) -> int:
+            return int(x["a"]) * 2
+
+        policy = ss.Policy(name="named", model=model, fallbacks=[ss.Fallback.static("s", -1)])
+        assert ss.guard(policy)({"a": 2}) == 4
+        with pytest.raises(ss.PolicyError, match=r"named\.model: .*not a decorator"):
+
+            @ss.guard(policy)
+            def predict(x: dict) -> int:
+                return 0
+
+        @ss.guard(policy, model=None)
+        def mine(x: dict) -> int:
+            return 7
+
+        assert mine({"a": 1}) == 7
+
 
 def _noop(x: dict) -> dict:
     return x

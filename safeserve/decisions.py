@@ -223,9 +223,11 @@ class Record:
         self._output = value
 
     def keep(self, recorded: Recorded) -> None:
-        """Remember what the recorder found (the values to scrub), without recording the input."""
+        """Add what the recorder found (values to scrub from the text) without recording the
+        value itself: the call's input when inputs are not logged, or a whole batch's rows,
+        whose shared error message may quote any of them."""
         self._recorder = recorded.recorder
-        self._secrets = recorded.secrets
+        self._secrets = [*self._secrets, *recorded.secrets] if self._secrets else recorded.secrets
         self._scrubber = None
 
     def to_record(self) -> dict[str, Any]:

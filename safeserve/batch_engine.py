@@ -218,19 +218,19 @@ class BatchRun(FallbackWalk):
         read = _confidences(value, n, check.extract) if check is not None else None
         if check is not None and read is not None:
             conf, seen = read
-            sure = conf >= check.threshold  # False for NaN too
+            sure = (conf >= check.threshold) & (conf <= 1.0)  # False for NaN (and unread) too
             low = [] if sure.all() else np.flatnonzero(~sure).tolist()
             for j in low:
-                if j in bad_output or (seen is not None and not seen[j]):
+                if j in bad_output:
                     continue
-                c = float(conf[j])
+                c = float(conf[j]) if seen is None or seen[j] else None
                 reason = check.judge(c)
                 i = int(idx[j])
                 if not check.degrades and reason.code == "low_confidence":
                     self.notices.setdefault(i, []).append(reason)
                     continue
                 dropped.append(j)
-                self._degrade(i, state, reason, attempts, None if math.isnan(c) else c)
+                self._degrade(i, state, reason, attempts, None if c is None or math.isnan(c) else c)
         if not dropped:
             return None
         ok = np.ones(n, dtype=bool)

@@ -87,10 +87,16 @@ class ConfidenceCheck:
         self.threshold = config.threshold
         self.degrades = config.action == "fallback"
 
-    def judge(self, conf: float) -> RawReason:
-        """The reason for a confidence under the threshold (a NaN confidence is invalid output)."""
+    def judge(self, conf: float | None) -> RawReason:
+        """Why a confidence fails the check: under the threshold (`low_confidence`), or not a
+        probability at all (`invalid_output`: missing, NaN, or outside [0, 1]), which degrades
+        even with `action="flag"`: an answer without a usable confidence is a broken answer."""
+        if conf is None:
+            return RawReason("invalid_output", "confidence", "no confidence in the answer")
         if math.isnan(conf):
             return RawReason(code="invalid_output", stage="confidence", detail="confidence is NaN")
+        if not 0.0 <= conf <= 1.0:
+            return RawReason("invalid_output", "confidence", f"confidence {conf:.4g} not in [0, 1]")
         return RawReason(
             code="low_confidence", stage="confidence", detail=f"{conf:.4g} < {self.threshold:.4g}"
         )

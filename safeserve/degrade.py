@@ -185,7 +185,7 @@ class DegradationPath:
         self,
         p: Pipeline,
         check: ConfidenceCheck,
-        conf: float,
+        conf: float | None,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         offset: int,
@@ -202,7 +202,7 @@ class DegradationPath:
             self.breaker.state_of(permit),
             [low],
             primary_attempts(attempts, latency, None),
-            None if math.isnan(conf) else conf,
+            None if conf is None or math.isnan(conf) else conf,
         )
         d.flagged = not check.degrades and low.code == "low_confidence"
         return d

@@ -111,7 +111,7 @@ class Guard(DegradationPath):
         check = p.confidence
         if check is not None:
             conf = check.extract(value)
-            if conf is not None and not conf >= check.threshold:
+            if conf is None or not check.threshold <= conf <= 1.0:
                 d = self._low_confidence(
                     p, check, conf, args, kwargs, offset, permit, latency, attempts
                 )
@@ -379,7 +379,7 @@ class AsyncGuard(Guard):
         check = p.confidence
         if check is not None:
             conf = check.extract(value)
-            if conf is not None and not conf >= check.threshold:
+            if conf is None or not check.threshold <= conf <= 1.0:
                 d = self._low_confidence(
                     p, check, conf, args, kwargs, offset, permit, latency, attempts
                 )

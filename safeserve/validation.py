@@ -144,7 +144,9 @@ def category_key(value: Any) -> str:
 
 
 class FreshnessCheck:
-    """An input whose timestamp field is older than `max_age_s` is stale."""
+    """An input whose timestamp field is older than `max_age_s` is stale. One more than
+    `max_age_s` in the future is as unusable (a clock or a unit gone wrong: epoch
+    milliseconds read as seconds land thousands of years ahead)."""
 
     __slots__ = ("field", "max_age_s")
 
@@ -163,6 +165,8 @@ class FreshnessCheck:
         age = time.time() - when
         if age > self.max_age_s:
             return [Problem(self.field, f"stale: {age:.0f} s old > {self.max_age_s:g} s")]
+        if -age > self.max_age_s:
+            return [Problem(self.field, f"stale: {-age:.0f} s in the future (clock or unit?)")]
         return []
 
 

@@ -147,8 +147,9 @@ class TestFreshness:
             datetime.now(UTC),
             datetime.now(UTC).isoformat(),
             time.time(),
+            time.time() + 60,  # a little clock skew ahead is fine
         ],
-        ids=["datetime", "iso", "epoch"],
+        ids=["datetime", "iso", "epoch", "skew-ahead"],
     )
     def test_fresh_input_passes(self, ts: Any) -> None:
         assert self.guard().call({"event_ts": ts}).decision.served_by == "primary"
@@ -160,8 +161,10 @@ class TestFreshness:
             (datetime.now(UTC) - timedelta(hours=1)).isoformat(),
             time.time() - 3600,
             None,
+            time.time() + 10_000,
+            time.time() * 1000,  # epoch milliseconds read as seconds
         ],
-        ids=["datetime", "iso", "epoch", "missing"],
+        ids=["datetime", "iso", "epoch", "missing", "future", "epoch-ms"],
     )
     def test_stale_input_is_invalid(self, ts: Any) -> None:
         outcome = self.guard().call({"event_ts": ts})

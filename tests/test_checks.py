@@ -174,6 +174,55 @@ class TestConfidenceExtract:
         assert out.decision.confidence == pytest.approx(0.4)
 
 
+class TestUnreadableConfidence:
+    """With a confidence check, an answer whose confidence cannot be read, or is not a
+    probability, is a broken answer: `invalid_output`, and a fallback serves (even with
+    action="flag", which only serves answers that are merely unsure)."""
+
+    @pytest.mark.parametrize(
+        ("answer", "detail"),
+        [
+            ({"label": "x"}, "no confidence in the answer"),
+            ({"label": "x", "confidence": None}, "no confidence in the answer"),
+            ({"label": "x", "confidence": "0.9"}, "no confidence in the answer"),
+            ({"label": "x", "confidence": True}, "no confidence in the answer"),
+            (None, "no confidence in the answer"),
+            ({"label": "x", "confidence": 7}, "confidence 7 not in [0, 1]"),
+            ({"label": "x", "confidence": -0.5}, "confidence -0.5 not in [0, 1]"),
+        ],
+        ids=repr,
+    )
+    @pytest.mark.parametrize("action", ["fallback", "flag"])
+    def test_falls_back_with_invalid_output(self, answer: Any, detail: str, action: str) -> None:
+        g = guarded(answer, confidence=ss.ConfidenceConfig(threshold=0.7, action=action))
+        out = g.call({"a": 1})
+        assert (out.value, out.decision.served_by) == (STATIC, "static")
+        assert [(r.code, r.stage, r.detail) for r in out.decision.reasons] == [
+            ("invalid_output", "confidence", detail)
+        ]
+
+    def test_missing_key_named_by_extract(self) -> None:
+        g = guarded({"score": 0.9}, confidence=ss.ConfidenceConfig(threshold=0.5, extract="p"))
+        assert g({"a": 1}) == STATIC
+
+    def test_batch_rows_without_a_confidence_fall_back(self) -> None:
+        """The same rule per row in a batch."""
+
+        @ss.guard(
+            name="batch-conf",
+            batch=True,
+            confidence=ss.ConfidenceConfig(threshold=0.5),
+            fallbacks=[ss.Fallback.static("static", STATIC)],
+        )
+        def predict(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [{"confidence": r["c"]} if r["c"] is not None else {} for r in rows]
+
+        out = predict.batch([{"c": 0.9}, {"c": None}, {"c": 3.0}, {"c": 0.1}])
+        assert out.served_by == ["primary", "static", "static", "static"]
+        reasons = {d.row: d.reasons[0].code for d in out.decisions}
+        assert reasons == {1: "invalid_output", 2: "invalid_output", 3: "low_confidence"}
+
+
 class TestConfidenceAction:
     def test_flag_serves_primary_and_marks_decision(self) -> None:
         """action="flag" serves the primary answer and flags the decision with low_confidence."""

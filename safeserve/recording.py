@@ -246,7 +246,7 @@ class Scrubber:
     `_CUT_AT` characters or more) also loses a tail that starts one of the values.
     """
 
-    __slots__ = ("_cut", "_markers", "_pattern")
+    __slots__ = ("_cut", "_forms", "_markers", "_needles", "_pattern")
 
     def __init__(self, secrets: list[tuple[Any, str]]) -> None:
         needles: dict[str, None] = {}  # each form as written: a form always matches itself
@@ -259,16 +259,14 @@ class Scrubber:
                 key = text.lower()
                 if key not in markers or marker == REDACTED:
                     markers[key] = marker
-        parts = [
-            re.escape(k) if len(k) >= _TOKEN_BELOW else rf"(?<!\w){re.escape(k)}(?!\w)"
-            for k in sorted(needles, key=len, reverse=True)
-        ]
         self._markers = markers
-        self._pattern = re.compile("|".join(parts), re.IGNORECASE) if parts else None
+        self._needles = [(k, markers[k], len(k) < _TOKEN_BELOW) for k in markers]
+        self._forms = list(needles)
         self._cut = [k for k in needles if len(k) >= _TOKEN_BELOW]
+        self._pattern: re.Pattern[str] | None = None  # built for a text with letters like "İ"
 
     def __bool__(self) -> bool:
-        return self._pattern is not None
+        return bool(self._needles)
 
     def record(self, rec: dict[str, Any]) -> None:
         """Scrub a rendered decision record in place."""
@@ -294,11 +292,39 @@ class Scrubber:
 
     def text(self, text: str) -> str:
         """`text` with every form of every value replaced by its marker."""
-        assert self._pattern is not None
-        out = self._pattern.sub(self._mark, text)
+        low = text.lower()
+        if len(low) == len(text):
+            out = self._replace(text, low)
+        else:  # positions in the lower-case copy are not positions in `text`: a regex instead
+            if self._pattern is None:
+                self._pattern = _pattern_of(self._forms)
+            out = self._pattern.sub(self._mark, text)
         if out.endswith("…") or len(out) >= _CUT_AT:
             out = self._cut_tail(out)
         return out
+
+    def _replace(self, text: str, low: str) -> str:
+        """Find each form in the lower-case copy; replace the union of what was found, so that
+        overlapping forms leave no character of either."""
+        spans: list[tuple[int, int, str]] = []
+        for needle, marker, whole_token in self._needles:
+            start = low.find(needle)
+            while start != -1:
+                end = start + len(needle)
+                if not whole_token or (_edge(low, start - 1) and _edge(low, end)):
+                    spans.append((start, end, marker))
+                start = low.find(needle, start + 1)
+        if not spans:
+            return text
+        spans.sort(key=lambda s: (s[0], s[0] - s[1]))
+        parts: list[str] = []
+        done = 0
+        for start, end, marker in spans:
+            if start >= done:
+                parts += (text[done:start], marker)
+            done = max(done, end)
+        parts.append(text[done:])
+        return "".join(parts)
 
     def _mark(self, match: re.Match[str]) -> str:
         return self._markers.get(match.group(0).lower(), REDACTED)
@@ -313,6 +339,20 @@ class Scrubber:
                     marker = self._markers.get(lowered, REDACTED)
                     return body[:-size] + marker + text[len(body) :]
         return text
+
+
+def _edge(text: str, i: int) -> bool:
+    """Whether position `i` is outside `text` or not a word character (a token's edge)."""
+    return i < 0 or i >= len(text) or not (text[i].isalnum() or text[i] == "_")
+
+
+def _pattern_of(forms: list[str]) -> re.Pattern[str]:
+    """The forms as one case-insensitive regex, longest first, short ones as whole tokens."""
+    parts = [
+        re.escape(k) if len(k) >= _TOKEN_BELOW else rf"(?<!\w){re.escape(k)}(?!\w)"
+        for k in sorted(forms, key=len, reverse=True)
+    ]
+    return re.compile("|".join(parts), re.IGNORECASE)
 
 
 def _texts(value: Any, depth: int) -> list[str]:

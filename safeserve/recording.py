@@ -61,6 +61,7 @@ _NOT_RECORDS = (
     UUID,
     PurePath,
 )
+_QUOTES = frozenset("\"'\\")  # characters a repr or JSON escapes in printable ASCII text
 _PANDAS_CELLS = 10_000  # a larger DataFrame is recorded as "<DataFrame>", not cell by cell
 
 
@@ -360,13 +361,10 @@ def _texts(value: Any, depth: int) -> list[str]:
     if value is None or isinstance(value, bool):
         return []
     if isinstance(value, str):  # each line too: an error message keeps only its first line
-        return [
-            value,
-            value.strip(),
-            repr(value)[1:-1],
-            json.dumps(value)[1:-1],
-            *value.splitlines(),
-        ]
+        forms = [value, value.strip(), *value.splitlines()]
+        if not (value.isascii() and value.isprintable()) or _QUOTES.intersection(value):
+            forms += (repr(value)[1:-1], json.dumps(value)[1:-1])  # escaped as in a repr or JSON
+        return forms
     if isinstance(value, int):
         return [str(value)]
     if isinstance(value, float):

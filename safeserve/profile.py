@@ -4,7 +4,8 @@ The call path only appends the input to a deque (one C call). A shared backgroun
 drains the deques every half second and bins the values with numpy in batches; every
 `profile_interval_s`, at `flush_logs()` and at exit each guard writes a `kind: "profile"`
 record of counts. Counts in fixed bins merge by addition, across intervals, replicas and logs.
-Redacted and hashed features are never profiled.
+Redacted and hashed features are never profiled; each record names them (`redacted_or_hashed`),
+so the skew report lists them as not compared rather than guessing why they are missing.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Profiler:
         self.writer = writer
         self.interval_s = interval_s
         self.features = {n: f for n, f in baseline.features.items() if n not in skip}
+        self.unprofiled = sorted(n for n in baseline.features if n in skip)
         self._numeric = [n for n, f in self.features.items() if f.kind == "numeric"]
         self._other = [n for n, f in self.features.items() if f.kind != "numeric"]
         self._pending: deque[Any] = deque()
@@ -112,7 +114,7 @@ class Profiler:
 
 
 class _ProfileRecord:
-    __slots__ = ("end", "features", "n", "owner", "policy", "start")
+    __slots__ = ("end", "features", "n", "owner", "policy", "start", "unprofiled")
 
     def __init__(self, profiler: Profiler, now: float) -> None:
         self.policy = profiler.policy
@@ -120,6 +122,7 @@ class _ProfileRecord:
         self.start = profiler._start
         self.end = now
         self.n = profiler._n
+        self.unprofiled = profiler.unprofiled
         self.features = {
             name: {
                 "counts": profiler._counts[name].tolist(),
@@ -141,6 +144,7 @@ class _ProfileRecord:
             "end": _iso(self.end),
             "n": self.n,
             "features": self.features,
+            "redacted_or_hashed": self.unprofiled,
         }
 
 

@@ -6,17 +6,31 @@ records for the policy, its profiles (they count every call); otherwise its deci
 `inputs` (binned here under the same contract; all degraded calls but only sampled healthy
 ones). Never both for the same calls: decision inputs of a profiled policy only feed the
 degraded-vs-healthy comparison. Each feature's `source` says which. Everything is counts in
-the baseline's fixed bins, so logs of many replicas merge by addition, exactly.
+the baseline's fixed bins (and, for logged numeric inputs, in its fine quantiles: exact KS and
+Wasserstein), so logs of many replicas merge by addition, exactly.
+
+A record is read once: the same `id` seen again (a log given twice, overlapping rotations) is
+counted in `skipped_by["duplicate"]`. A profile whose bins do not match the baseline's was made
+against another baseline: its calls still count, its feature counts are left out
+(`profiles_other_baseline`).
+
+Redacted and hashed features cannot be compared with the baseline, so they are never judged:
+per policy, a feature is `not compared` when its profiles leave it out (a guard never profiles
+what it redacts or hashes; profile records list them in `redacted_or_hashed`), or when its
+logged inputs never hold the key (redacted fields are dropped from `inputs`) or hold mostly
+redaction markers or salted hashes (32 hex digits) where the baseline's categories are not
+such. The feature's own record then says why (`compared: false`, `not_compared`).
 """
 
 from __future__ import annotations
 
 import gzip
+import json
 import math
 import operator
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime
 from pathlib import Path
@@ -26,7 +40,14 @@ import numpy as np
 
 from safeserve.baseline import Baseline, FeatureBaseline
 from safeserve.skew_degradation import Degradation, degradation_summary, join_outcomes
-from safeserve.skew_stats import Method, Thresholds, evaluate_feature, js_divergence, psi
+from safeserve.skew_stats import (
+    ExactSide,
+    Method,
+    Thresholds,
+    evaluate_feature,
+    js_divergence,
+    psi,
+)
 
 __all__ = ["SCHEMA_VERSIONS", "SkewInputError", "analyze", "read_records"]
 
@@ -34,6 +55,12 @@ SCHEMA_VERSIONS = frozenset({1})
 """Record schema versions this reader understands; others are skipped and counted."""
 
 _CHUNK = 32768
+_JUDGED = ("decision", "profile", "rejected_while_open")
+"""Record kinds that say something about a policy's calls."""
+_ABSENT: Any = object()
+_REDACTION_MARKERS = frozenset({"[redacted]", "[REDACTED]"})
+_HASH_HEX = frozenset("0123456789abcdef")
+NOT_COMPARED = "redacted/hashed in the log"
 
 try:
     import orjson
@@ -124,9 +151,22 @@ class _Policy:
         self.degraded = {n: _Side(f.slots) for n, f in self.features.items()}
         self.healthy = {n: _Side(f.slots) for n, f in self.features.items()}
         self.profiled = {n: _Side(f.slots) for n, f in self.features.items()}
+        self.exact = {n: ExactSide(f) for n in self.numeric if (f := self.features[n]).quantiles}
+        # a category list of hash-like strings: then such values are data, not hashes
+        self.hashes_are_data = {
+            n for n, f in self.features.items() if any(map(_masked, f.categories))
+        }
         self.profiles = 0
         self.profile_calls = 0
+        self.matched_profiles = 0
+        self.other_baseline = 0
+        self.in_profiles: set[str] = set()
+        self.unprofiled: set[str] = set()
+        self.profiles_list_unprofiled = False
         self.decisions = 0
+        self.rows = 0
+        self.keyed = dict.fromkeys(self.features, 0)  # logged inputs holding the key
+        self.masked = dict.fromkeys(self.features, 0)  # ... whose value is a marker or a hash
         self._rows: list[Any] = []
         self._flags: list[bool] = []
 
@@ -142,45 +182,121 @@ class _Policy:
         if not rows:
             return
         self._rows, self._flags = [], []
+        self.rows += len(rows)
         sides = [(self.degraded, flags), (self.healthy, ~flags)]
         if self.numeric:
-            matrix = _numeric_matrix(rows, self.numeric)
+            matrix = self._numeric_matrix(rows)
             for j, name in enumerate(self.numeric):
                 f, column = self.features[name], matrix[:, j]
                 for side, mask in sides:
                     side[name].add(f, column[mask], int(mask.sum()))
+                if name in self.exact:
+                    self.exact[name].add(column)
         for name in self.other:
             column = np.empty(len(rows), dtype=object)
-            column[:] = [r.get(name) for r in rows]
+            column[:] = self._values(rows, name)
             for side, mask in sides:
                 side[name].add(self.features[name], column[mask], int(mask.sum()))
 
+    def _numeric_matrix(self, rows: list[Any]) -> np.ndarray:
+        """rows x numeric features as floats, NaN for a missing, null or non-number value."""
+        names = self.numeric
+        try:
+            matrix = np.array(list(map(operator.itemgetter(*names), rows)), dtype=np.float64)
+        except (KeyError, TypeError, ValueError):
+            pass  # a missing key, a None or a string somewhere: the careful way
+        else:
+            for name in names:
+                self.keyed[name] += len(rows)
+            return matrix.reshape(len(rows), len(names))
+        columns = [list(map(_number, self._values(rows, name))) for name in names]
+        return np.array(columns, dtype=np.float64).T.reshape(len(rows), len(names))
+
+    def _values(self, rows: list[Any], name: str) -> list[Any]:
+        """One feature's logged values (None where the key is missing), counting how many rows
+        hold the key and how many hold a redaction marker or a hash instead of a value."""
+        values = [r.get(name, _ABSENT) for r in rows]
+        absent = values.count(_ABSENT)
+        self.keyed[name] += len(values) - absent
+        if absent:
+            values = [None if v is _ABSENT else v for v in values]
+        try:
+            distinct = set(values)
+        except TypeError:  # a list or dict among the values: compared by its text
+            values = [v if isinstance(v, Hashable) else json.dumps(v) for v in values]
+            distinct = set(values)
+        masked = {v for v in distinct if _masked(v)}
+        if masked and name in self.hashes_are_data:
+            masked &= _REDACTION_MARKERS
+        if masked:
+            self.masked[name] += sum(v in masked for v in values)
+        return values
+
     def add_profile(self, record: dict[str, Any]) -> None:
+        """Add a profile's counts; one made against another baseline (a feature's bins differ)
+        counts its calls only."""
         features = record["features"]
+        if not isinstance(features, dict):
+            raise TypeError("features")
+        parsed = []
         for name, side in self.profiled.items():
-            counts = features.get(name) if isinstance(features, dict) else None
+            counts = features.get(name)
             if counts is None:
                 continue
             c = np.asarray(counts["counts"], dtype=np.int64)
-            if c.shape != side.counts.shape:
-                raise ValueError(f"{name}: {c.size} counts for {side.counts.size} bins")
-            side.counts += c
-            side.nulls += int(counts["nulls"])
-            side.out_of_range += int(counts["out_of_range"])
-            side.n += int(c.sum()) + int(counts["nulls"])
+            parsed.append((name, side, c, int(counts["nulls"]), int(counts["out_of_range"])))
+        calls = int(record["n"])
+        listed = record.get("redacted_or_hashed")
         self.profiles += 1
-        self.profile_calls += int(record["n"])
+        self.profile_calls += calls
+        if any(c.shape != side.counts.shape for _, side, c, _, _ in parsed):
+            self.other_baseline += 1
+            return
+        self.matched_profiles += 1
+        for name, side, c, nulls, out_of_range in parsed:
+            side.counts += c
+            side.nulls += nulls
+            side.out_of_range += out_of_range
+            side.n += int(c.sum()) + nulls
+            self.in_profiles.add(name)
+        if isinstance(listed, list):
+            self.profiles_list_unprofiled = True
+            self.unprofiled.update(map(str, listed))
+
+    def not_compared(self, name: str) -> str | None:
+        """Why this policy's data cannot be compared with the baseline for `name`, or None."""
+        if not self.profiles:
+            return self.inputs_not_compared(name)
+        if name in self.unprofiled:
+            return NOT_COMPARED
+        if not self.matched_profiles:
+            return "profiles made against another baseline (bins differ)"
+        if name not in self.in_profiles:
+            # a guard leaves out of its profiles exactly what it redacts or hashes
+            if self.profiles_list_unprofiled:
+                return "not in the profiles (made against another baseline)"
+            return NOT_COMPARED
+        return None
+
+    def inputs_not_compared(self, name: str) -> str | None:
+        """`not_compared` for the logged inputs: a key no input holds, or mostly masked."""
+        if not self.rows:
+            return None
+        keyed, masked = self.keyed[name], self.masked[name]
+        if not keyed or 2 * masked >= keyed:
+            return NOT_COMPARED
+        return None
 
 
-def _numeric_matrix(rows: list[Any], names: list[str]) -> np.ndarray:
-    """rows x features as floats, NaN for a missing, null or non-number value."""
-    try:
-        return np.array(list(map(operator.itemgetter(*names), rows)), dtype=np.float64).reshape(
-            len(rows), len(names)
-        )
-    except (KeyError, TypeError, ValueError):
-        pass  # a missing key, a None or a string somewhere: the careful way
-    return np.array([[_number(r.get(n)) for n in names] for r in rows], dtype=np.float64)
+def _masked(value: Any) -> bool:
+    """A redaction marker or a salted hash (32 hex digits, or `[hash:...]`) in place of a value."""
+    if not isinstance(value, str):
+        return False
+    if value in _REDACTION_MARKERS:
+        return True
+    if value.startswith("[hash:") and value.endswith("]"):
+        value = value[6:-1]
+    return len(value) == 32 and _HASH_HEX.issuperset(value)
 
 
 def _number(value: Any) -> float:
@@ -205,16 +321,26 @@ def analyze(
     """The skew report of `logs` against `baseline`, as the `safeserve skew --json` document.
 
     Raises `SkewInputError` when a log cannot be read; bad lines are counted, not raised.
+    `judged` counts the decision, profile and open-breaker records of the chosen policy (zero:
+    there was nothing to judge), `policies_in_logs` names every policy the logs hold.
     """
     thresholds = thresholds or Thresholds()
     skipped: Counter[str] = Counter()
     records: Counter[str] = Counter()
     policies: dict[str, _Policy] = {}
+    in_logs: set[str] = set()
     pids: dict[str, int] = {}
     deg = Degradation()
     outcomes: dict[str, Any] = {}
     model = _ModelHealth(baseline)
+    seen: set[str] = set()
     for record in read_records(logs, skipped, progress):
+        rid = record.get("id")  # inlined _unique: this runs once per log line
+        if isinstance(rid, str):
+            if rid in seen:
+                skipped["duplicate"] += 1
+                continue
+            seen.add(rid)
         kind = record["kind"]
         if kind == "outcome":
             if isinstance(record.get("decision_id"), str):
@@ -224,12 +350,14 @@ def analyze(
                 skipped["malformed"] += 1
             continue
         name = record.get("policy")
-        if kind not in ("decision", "profile", "rejected_while_open"):
+        if kind not in _JUDGED:
             records[kind] += 1
             continue
-        if not isinstance(name, str) or (policy is not None and name != policy):
-            if not isinstance(name, str):
-                skipped["malformed"] += 1
+        if not isinstance(name, str):
+            skipped["malformed"] += 1
+            continue
+        in_logs.add(name)
+        if policy is not None and name != policy:
             continue
         if name not in policies:
             policies[name], pids[name] = _Policy(baseline), len(pids)
@@ -243,8 +371,8 @@ def analyze(
                 if isinstance(record.get("inputs"), dict):
                     state.add_inputs(record["inputs"], degraded)
             elif kind == "profile":
-                state.add_profile(record)
                 middle = (_epoch(record["start"]) + _epoch(record["end"])) / 2
+                state.add_profile(record)
                 deg.profile(middle, pid, int(record["n"]))
             else:
                 deg.rejected(t, pid, record)
@@ -258,8 +386,7 @@ def analyze(
     degradation = degradation_summary(deg, profiled)
     degradation["features_degraded_vs_healthy"] = _degraded_vs_healthy(baseline, policies)
     features = [
-        evaluate_feature(f, *_serving(name, f, policies), method=method, thresholds=thresholds)
-        for name, f in baseline.features.items()
+        _feature(name, f, policies, method, thresholds) for name, f in baseline.features.items()
     ]
     by_owner: dict[str, list[str]] = {}
     for item in features:
@@ -268,18 +395,58 @@ def analyze(
     return {
         "schema_version": 1,
         "features": features,
+        "not_compared": [
+            {"name": f["name"], "reason": f["not_compared"]} for f in features if not f["compared"]
+        ],
         "degradation": degradation,
         "skipped": sum(skipped.values()),
         "skipped_by": dict(skipped),
+        "profiles_other_baseline": sum(s.other_baseline for s in policies.values()),
         "records": dict(records),
+        "judged": sum(records[k] for k in _JUDGED),
         "policies": sorted(policies),
+        "policies_in_logs": sorted(in_logs),
         "method": method,
         "by_owner": by_owner,
         "outcomes": (
-            join_outcomes(read_records(logs, Counter()), outcomes, policy) if outcomes else None
+            join_outcomes(_unique(read_records(logs, Counter()), Counter()), outcomes, policy)
+            if outcomes
+            else None
         ),
         "model": model.report(method, thresholds),
     }
+
+
+def _unique(records: Iterable[dict[str, Any]], skipped: Counter[str]) -> Iterator[dict[str, Any]]:
+    """Each record once: a record whose `id` was seen before is counted as a duplicate."""
+    seen: set[str] = set()
+    add = seen.add
+    for record in records:
+        rid = record.get("id")
+        if isinstance(rid, str):
+            if rid in seen:
+                skipped["duplicate"] += 1
+                continue
+            add(rid)
+        yield record
+
+
+def _feature(
+    name: str,
+    f: FeatureBaseline,
+    policies: dict[str, _Policy],
+    method: Method,
+    thresholds: Thresholds,
+) -> dict[str, Any]:
+    """One feature's drift record, or its record of why it was not compared."""
+    side, source, exact, reasons = _serving(name, f, policies)
+    item = evaluate_feature(f, side, source, method=method, thresholds=thresholds, exact=exact)
+    item["compared"], item["not_compared"] = True, None
+    if reasons and source == "none":
+        item["compared"] = False
+        item["not_compared"] = "; ".join(sorted(reasons))
+        item["why"] = f"not compared ({item['not_compared']})"
+    return item
 
 
 _PREDICTION_KEYS = ("prediction", "label", "class", "score")
@@ -335,20 +502,32 @@ def _prediction_of(output: Any) -> Any:
     return output if isinstance(output, int | float | str) else None
 
 
-def _serving(name: str, f: FeatureBaseline, policies: dict[str, _Policy]) -> tuple[_Side, str]:
+def _serving(
+    name: str, f: FeatureBaseline, policies: dict[str, _Policy]
+) -> tuple[_Side, str, ExactSide | None, set[str]]:
     """A feature's serving counts over all policies (profiles where a policy has them, else
-    decision inputs) and their source: "inputs", "profiles", "inputs+profiles" or "none"."""
+    decision inputs); their source ("inputs", "profiles", "inputs+profiles" or "none"); the
+    exact serving values when every contributing policy logged inputs; and why policies whose
+    data cannot be compared (redacted or hashed) were left out."""
     total = _Side(f.slots)
+    exact = ExactSide(f) if f.kind == "numeric" and f.quantiles else None
     sources: set[str] = set()
+    reasons: set[str] = set()
     for state in policies.values():
-        if state.profiles:
+        reason = state.not_compared(name)
+        if reason is not None:
+            reasons.add(reason)
+        elif state.profiles:
             sources.add("profiles")
             total.merge(state.profiled[name])
+            exact = None
         else:
             sources.add("inputs")
             total.merge(state.degraded[name])
             total.merge(state.healthy[name])
-    return total, "+".join(sorted(sources)) or "none"
+            if exact is not None:
+                exact.merge(state.exact[name])
+    return total, "+".join(sorted(sources)) or "none", exact, reasons
 
 
 def _degraded_vs_healthy(baseline: Baseline, policies: dict[str, _Policy]) -> list[dict[str, Any]]:
@@ -357,6 +536,8 @@ def _degraded_vs_healthy(baseline: Baseline, policies: dict[str, _Policy]) -> li
     for name, f in baseline.features.items():
         bad, good = _Side(f.slots), _Side(f.slots)
         for state in policies.values():
+            if state.inputs_not_compared(name) is not None:
+                continue
             bad.merge(state.degraded[name])
             good.merge(state.healthy[name])
         if not bad.n or not good.n:

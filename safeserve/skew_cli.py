@@ -1,7 +1,10 @@
 """`safeserve skew LOGS... --baseline B`: drift and degradation from decision logs.
 
 Exit codes (SPEC 5): 0 when no feature reaches `--fail-on` (and the drifted share stays under
-`--fail-share`), 1 when the gate trips, 2 for usage errors and unreadable logs or baselines.
+`--fail-share`), 1 when the gate trips, 2 for usage errors, unreadable logs or baselines, and
+data that leaves nothing to judge: no decision or profile record (of the `--policy` asked for),
+or, with a gate, no feature with serving values to compare. A gate that judged nothing must not
+pass.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def add_skew_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
         "records where a policy has them) with a training baseline: PSI, Jensen-Shannon, KS, "
         "normalized Wasserstein, L-infinity, null-rate and out-of-range changes, with "
         "severity; and degradation by reason, fallback and time. Exits 0 when clean, 1 when "
-        "the --fail-on gate trips, 2 for usage errors or unreadable files.",
+        "the --fail-on gate trips, 2 for usage errors, unreadable files, or no records to judge.",
     )
     parser.add_argument("logs", nargs="+", type=Path, metavar="LOGS", help="JSONL logs (.gz ok)")
     parser.add_argument("--baseline", type=Path, required=True, metavar="B", help="baseline JSON")
@@ -62,7 +65,12 @@ def add_skew_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser
         help="override a severity threshold, e.g. psi=0.1,0.25 (repeatable); "
         f"stats: {', '.join(_threshold_names())}",
     )
-    parser.add_argument("-q", "--quiet", action="store_true", help="print only problems")
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print only problems (and why the gate tripped) to stderr",
+    )
     parser.set_defaults(handler=skew_command)
 
 
@@ -106,6 +114,9 @@ def skew_command(args: argparse.Namespace) -> int:
     except SkewInputError as exc:
         print(f"safeserve skew: cannot read {exc}", file=err)
         return 2
+    if not report["judged"]:
+        print(f"safeserve skew: {_nothing_to_judge(report, args.policy)}", file=err)
+        return 2
     report["gate"] = _gate(report["features"], args.fail_on, args.fail_share)
     report["thresholds"] = dataclasses.asdict(thresholds)
     try:
@@ -120,12 +131,63 @@ def skew_command(args: argparse.Namespace) -> int:
         print(f"safeserve skew: cannot write {exc.filename}: {exc.strerror}", file=err)
         return 2
     if report["skipped"]:
-        causes = ", ".join(f"{k} {v}" for k, v in report["skipped_by"].items())
+        causes = ", ".join(f"{_CAUSES.get(k, k)} {v}" for k, v in report["skipped_by"].items())
         print(f"safeserve skew: skipped {report['skipped']} log lines ({causes})", file=err)
+    if report["profiles_other_baseline"]:
+        print(
+            f"safeserve skew: {report['profiles_other_baseline']} profile record(s) made "
+            "against another baseline (bins differ): skipped (their calls still count)",
+            file=err,
+        )
     if not args.quiet:
         seconds = time.perf_counter() - started
         summarize(report, out, seconds=seconds, logs=len(args.logs), paths=(args.json, args.html))
-    return 1 if report["gate"]["tripped"] else 0
+    gate = report["gate"]
+    if gate["judged"] == 0 and (args.fail_on or args.fail_share is not None):
+        print(
+            "safeserve skew: nothing to judge: no feature has serving values to compare "
+            "(no logged inputs or profiles for them); the gate cannot pass",
+            file=err,
+        )
+        return 2
+    if gate["tripped"]:
+        if args.quiet:
+            print(f"safeserve skew: gate tripped: {gate_reason(gate)}", file=err)
+        return 1
+    return 0
+
+
+_CAUSES = {
+    "not_json": "not JSON",
+    "not_a_record": "not a record",
+    "unknown_schema_version": "unknown schema_version",
+    "malformed": "malformed",
+    "duplicate": "duplicate id (read once)",
+}
+
+
+def _nothing_to_judge(report: dict[str, Any], policy: str | None) -> str:
+    """The message for logs with no decision or profile record (of the chosen policy)."""
+    known = report["policies_in_logs"]
+    where = f"for policy {policy!r} " if policy is not None else ""
+    others = f"policies in the logs: {', '.join(known)}" if known else "the logs hold no policy"
+    seen = sum(report["records"].values())
+    return (
+        f"nothing to judge: no decision or profile records {where}in the logs "
+        f"({seen} other records, {report['skipped']} lines skipped); {others}"
+    )
+
+
+def gate_reason(gate: dict[str, Any]) -> str:
+    """One line: which features reached `--fail-on`, or the drifted share against
+    `--fail-share`."""
+    parts = []
+    if gate["features"]:
+        parts.append(f"{', '.join(gate['features'])} at --fail-on {gate['fail_on']}")
+    share = gate["fail_share"]
+    if share is not None and gate["drifted_share"] >= share:
+        parts.append(f"{gate['drifted_share']:.0%} of features drifted (--fail-share {share:g})")
+    return "; ".join(parts)
 
 
 def _thresholds(items: list[str]) -> Thresholds:
@@ -147,13 +209,15 @@ def _gate(
 ) -> dict[str, Any]:
     at = SEVERITIES.index(fail_on) if fail_on else None
     hits = [f["name"] for f in features if at is not None and SEVERITIES.index(f["severity"]) >= at]
-    drifted = sum(f["severity"] != "none" for f in features)
-    share = drifted / len(features) if features else 0.0
+    judged = [f for f in features if f.get("compared", True) and f["n"]]
+    drifted = sum(f["severity"] != "none" for f in judged)
+    share = drifted / len(judged) if judged else 0.0
     tripped = bool(hits) or (fail_share is not None and share >= fail_share)
     return {
         "fail_on": fail_on,
         "fail_share": fail_share,
         "drifted_share": share,
+        "judged": len(judged),
         "features": hits,
         "tripped": tripped,
     }
@@ -182,12 +246,13 @@ def summarize(
     `paths` are the (json, html) files written, named at the end."""
     from safeserve.skew_report import rank_key
 
-    features = sorted(report["features"], key=rank_key)
+    everything = sorted(report["features"], key=rank_key)
+    features = [f for f in everything if f.get("compared", True)]
     counts = {s: sum(f["severity"] == s for f in features) for s in ("major", "moderate")}
     records = sum(report["records"].values())
     print(
         f"safeserve skew: {logs} log(s), {records:,} records, {report['skipped']} skipped, "
-        f"{len(features)} features" + (f", in {seconds:.2f} s" if seconds is not None else ""),
+        f"{len(everything)} features" + (f", in {seconds:.2f} s" if seconds is not None else ""),
         file=out,
     )
     print(
@@ -195,22 +260,29 @@ def summarize(
         file=out,
     )
     print(
-        f"  {'feature':<22}{'kind':<12}{'n':>9}{'psi':>8}{'js':>8}{'ks':>7}{'linf':>7}"
-        f"  {'test':<12}{'severity':<10}{'owner':<16}source",
+        f"  {'feature':<22}{'kind':<12}{'n':>9}{'psi':>8}{'js':>8}{'ks':>7}{'w1':>7}{'linf':>7}"
+        f"  {'severity':<10}{'why (the deciding statistic)':<34}{'owner':<16}source",
         file=out,
     )
+    stats = (("psi", 8), ("js", 8), ("ks", 7), ("wasserstein", 7), ("linf", 7))
     for f in features[:_TOP]:
-        cells = "".join(
-            f"{v:>{w}.3f}" if v is not None else f"{'-':>{w}}"
-            for v, w in ((f["psi"], 8), (f["js"], 8), (f["ks"], 7), (f["linf"], 7))
-        )
+        cells = "".join(f"{f[k]:>{w}.3f}" if f[k] is not None else f"{'-':>{w}}" for k, w in stats)
+        why = f["why"] or f["method"]
+        why = why if len(why) < 34 else why[:32] + "…"
+        source = f["source"] + (" (exact)" if f.get("exact") else "")
         print(
-            f"  {f['name'][:21]:<22}{f['kind']:<12}{f['n']:>9}{cells}  {f['method']:<12}"
-            f"{f['severity']:<10}{(f['owner'] or '-')[:15]:<16}{f['source']}",
+            f"  {f['name'][:21]:<22}{f['kind']:<12}{f['n']:>9}{cells}  {f['severity']:<10}"
+            f"{why:<34}{(f['owner'] or '-')[:15]:<16}{source}",
             file=out,
         )
     if len(features) > _TOP:
         print(f"  ... {len(features) - _TOP} more (see --json / --html)", file=out)
+    left_out: dict[str, list[str]] = {}
+    for f in everything:
+        if not f.get("compared", True):
+            left_out.setdefault(f["not_compared"], []).append(f["name"])
+    for reason, names in left_out.items():
+        print(f"  not compared ({reason}): {', '.join(names)}", file=out)
     for owner, names in report["by_owner"].items():
         print(f"  owner {owner}: {', '.join(names)}", file=out)
     d = report["degradation"]
@@ -237,8 +309,10 @@ def summarize(
         )
     gate = report.get("gate") or {"fail_on": None, "fail_share": None}
     if gate["fail_on"] or gate["fail_share"] is not None:
-        verdict = "TRIPPED (exit 1)" if gate["tripped"] else "passed"
-        print(f"gate: {verdict}; at --fail-on: {', '.join(gate['features']) or 'none'}", file=out)
+        if gate["tripped"]:
+            print(f"gate: TRIPPED (exit 1): {gate_reason(gate)}", file=out)
+        else:
+            print(f"gate: passed; at --fail-on: {', '.join(gate['features']) or 'none'}", file=out)
     for flag, path in zip(("json", "html"), paths, strict=True):
         if path is not None:
             print(f"{flag}: {path}", file=out)

@@ -1,9 +1,11 @@
 """The degradation half of the skew report: calls, degraded calls, reasons and fallbacks over
 time, and outcomes (labels that arrived later) joined to decisions to show quality by source.
 
-Calls are counted from profile records where a policy has them (they count every call);
-otherwise from decisions and `rejected_while_open` aggregates, where healthy calls are only
-sampled, so the rate is then an upper bound (`calls_source` says which).
+Calls are counted from profile records where a policy has them (they count every call the
+guard profiled), plus its drill calls (`ss.force_degradation`: a drilled call skips the model and
+its input checks, so no profile counts it, but `stats()["calls"]` does); otherwise from decisions
+and `rejected_while_open` aggregates, where healthy calls are only sampled, so the rate is then
+an upper bound (`calls_source` says which).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 
 __all__ = ["Degradation", "degradation_summary", "join_outcomes"]
 
+_DECISION, _PROFILE, _DRILL = 0, 1, 2
 _BUCKETS_S = (1, 5, 10, 30, 60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 86400, 7 * 86400)
 _MAX_BUCKETS = 48
 
@@ -34,7 +37,7 @@ class Degradation:
         self.weights = array("q")  # calls the entry stands for
         self.degraded = array("q")  # degraded calls among them
         self.policy = array("H")
-        self.is_profile = array("b")
+        self.entry = array("b")  # _DECISION, _PROFILE or _DRILL
         self.reason_times = array("d")
         self.reason_codes: list[str] = []
 
@@ -48,7 +51,7 @@ class Degradation:
         self.weights.append(1)
         self.degraded.append(degraded)
         self.policy.append(pid)
-        self.is_profile.append(False)
+        self.entry.append(_DRILL if "forced" in codes else _DECISION)
         if record.get("flagged") is True:
             self.flagged += 1
         if degraded:
@@ -64,7 +67,7 @@ class Degradation:
         """Count a `rejected_while_open` aggregate: `count` calls refused by an open breaker."""
         count = int(record["count"])
         served = {str(k): int(v) for k, v in (record.get("served_by") or {}).items()}
-        self._point(t, pid, count, count, False)
+        self._point(t, pid, count, count, _DECISION)
         self.by_reason["breaker_open"] += count
         self.reason_times.extend([t] * count)
         self.reason_codes.extend(["breaker_open"] * count)
@@ -72,14 +75,14 @@ class Degradation:
 
     def profile(self, t: float, pid: int, n: int) -> None:
         """Count a profile record's calls (placed at the middle of its interval)."""
-        self._point(t, pid, n, 0, True)
+        self._point(t, pid, n, 0, _PROFILE)
 
-    def _point(self, t: float, pid: int, weight: int, degraded: int, profile: bool) -> None:
+    def _point(self, t: float, pid: int, weight: int, degraded: int, entry: int) -> None:
         self.times.append(t)
         self.weights.append(weight)
         self.degraded.append(degraded)
         self.policy.append(pid)
-        self.is_profile.append(profile)
+        self.entry.append(entry)
 
 
 def degradation_summary(d: Degradation, profiled: set[int]) -> dict[str, Any]:
@@ -87,9 +90,10 @@ def degradation_summary(d: Degradation, profiled: set[int]) -> dict[str, Any]:
     times = np.frombuffer(d.times, dtype=np.float64) if d.times else np.empty(0)
     weights = np.frombuffer(d.weights, dtype=np.int64) if d.weights else np.empty(0, np.int64)
     degraded = np.frombuffer(d.degraded, dtype=np.int64) if d.degraded else weights[:0]
-    is_profile = np.frombuffer(d.is_profile, dtype=np.int8).astype(bool)
+    entry = np.frombuffer(d.entry, dtype=np.int8)
     in_profiled = np.isin(np.frombuffer(d.policy, dtype=np.uint16), list(profiled))
-    counts_calls = np.where(in_profiled, is_profile, ~is_profile)
+    # a profiled policy's calls: its profiles and its drills; another's: its decisions
+    counts_calls = np.where(in_profiled, entry != _DECISION, entry != _PROFILE)
     calls = int(weights[counts_calls].sum())
     total_degraded = int(degraded.sum())
     has_profiles, has_other = bool(in_profiled.any()), bool((~in_profiled).any())

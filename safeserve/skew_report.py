@@ -29,12 +29,17 @@ figure{margin:0;border:1px solid #eee;padding:6px}figcaption{font-size:12px;colo
 def chart_count(report: dict[str, Any]) -> int:
     """How many `<svg>` charts `render_html(report)` draws."""
     timeline = 1 if report["degradation"]["by_time"] else 0
-    return len(report["features"]) + timeline + (1 if _outcome_groups(report) else 0)
+    return len(_compared(report)) + timeline + (1 if _outcome_groups(report) else 0)
+
+
+def _compared(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The features compared with the baseline (not the redacted or hashed ones), ranked."""
+    return sorted((f for f in report["features"] if f.get("compared", True)), key=rank_key)
 
 
 def render_html(report: dict[str, Any], title: str = "safeserve skew report") -> str:
     """The whole report as an HTML document (a string; write it with UTF-8)."""
-    ranked = sorted(report["features"], key=rank_key)
+    ranked = _compared(report)
     d = report["degradation"]
     parts = [
         f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{escape(title)}"
@@ -42,6 +47,7 @@ def render_html(report: dict[str, Any], title: str = "safeserve skew report") ->
         _summary(report),
         "<h2>Features, most drifted first</h2>",
         _feature_table(ranked),
+        _not_compared(report),
         "<h2>Degradation</h2>",
         _degradation(d),
         "<h2>Reference vs serving distributions</h2><div class='grid'>",
@@ -91,25 +97,35 @@ def _summary(report: dict[str, Any]) -> str:
     )
 
 
+def _not_compared(report: dict[str, Any]) -> str:
+    items = [f for f in report["features"] if not f.get("compared", True)]
+    if not items:
+        return ""
+    cells = "".join(
+        f"<li>{escape(f['name'])}: not compared ({escape(f['not_compared'])})</li>" for f in items
+    )
+    return f"<p>Not compared with the baseline, never counted as drift:</p><ul>{cells}</ul>"
+
+
 def _feature_table(ranked: list[dict[str, Any]]) -> str:
     cols = ("psi", "js", "ks", "wasserstein", "linf", "p_value")
     head = "".join(f"<th>{c}</th>" for c in cols)
     rows = []
     for f in ranked:
         color = _SEVERITY_COLORS[f["severity"]]
+        source = f["source"] + (" (exact)" if f.get("exact") else "")
         cells = "".join(f"<td>{_fmt(f.get(c))}</td>" for c in cols)
         rows.append(
             f"<tr><td>{escape(f['name'])}</td><td>{f['kind']}</td><td>{f['n']}</td>{cells}"
             f"<td>{_fmt(f['null_rate_delta'])}</td><td>{_fmt(f['out_of_range_rate'])}</td>"
             f"<td>{escape(f['method'])}</td><td><span class='sev' style='background:{color}'>"
-            f"{f['severity']}</span></td><td>{escape(f['owner'] or '-')}</td>"
-            f"<td>{escape(f['source'])}</td></tr>"
+            f"{f['severity']}</span></td><td>{escape(f.get('why') or '-')}</td>"
+            f"<td>{escape(f['owner'] or '-')}</td><td>{escape(source)}</td></tr>"
         )
     return (
         f"<table><tr><th>feature</th><th>kind</th><th>n</th>{head}<th>null rate &Delta;</th>"
-        "<th>out of range</th><th>test</th><th>severity</th><th>owner</th><th>source</th></tr>"
-        + "".join(rows)
-        + "</table>"
+        "<th>out of range</th><th>test</th><th>severity</th><th>why (the deciding statistic)</th>"
+        "<th>owner</th><th>source</th></tr>" + "".join(rows) + "</table>"
     )
 
 

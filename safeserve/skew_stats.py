@@ -15,8 +15,15 @@ Conventions, chosen to match the tools users compare against:
   there whether the counts come from logged inputs or profiles; between edges nothing is known
   (interpolating within the tail bins invents drift). More bins, a finer KS. p-values only when
   scipy is importable (else None).
-- Wasserstein (W1) between the two binned distributions (uniform within each bin on both
-  sides), normalized by the baseline's standard deviation, as Evidently does.
+- Wasserstein (W1), normalized by the baseline's standard deviation as Evidently does. From
+  profiles: between the two binned distributions (uniform within each bin on both sides).
+  From logged inputs (exact serving values, `ExactSide`), when the baseline keeps its fine
+  `quantiles`: the area between the reference CDF (linear between 257 quantiles) and the serving
+  values counted between those quantiles, plus the exact distance of every value beyond the
+  training range. On data drawn like the training data this agrees with scipy's two-sample
+  `wasserstein_distance` on the raw training values to about 1e-3; the 10-bin estimate was off
+  by up to 0.1 on a heavy-tailed feature (its wide tail bin). KS from logged inputs is then taken
+  at the 257 quantiles too, not only at the bin edges.
 - L-infinity: the largest change of one category's share (TFDV's categorical skew measure).
 - `auto` picks the headline test by reference size as Evidently does: up to 1000 reference
   rows KS (numeric) / chi-square (categorical), above that normalized Wasserstein / JS.
@@ -37,6 +44,7 @@ __all__ = [
     "PSI_EPS",
     "SEVERITIES",
     "Counts",
+    "ExactSide",
     "Method",
     "Severity",
     "Thresholds",
@@ -44,12 +52,14 @@ __all__ = [
     "evaluate_feature",
     "headline_method",
     "js_divergence",
+    "ks_exact",
     "ks_from_counts",
     "ks_p_value",
     "ks_statistic",
     "level",
     "linf",
     "psi",
+    "wasserstein_exact",
     "wasserstein_from_counts",
 ]
 
@@ -172,6 +182,84 @@ def wasserstein_from_counts(
     return area / (scale if scale > 0 else 1.0)
 
 
+class ExactSide:
+    """Exact serving values of one numeric feature, summarized against its baseline's fine
+    quantile grid: counts between grid points, and the count and total distance of the values
+    below the training minimum and above the maximum. Adds up across chunks, logs and policies.
+    """
+
+    __slots__ = ("_inner", "above", "above_sum", "below", "below_sum", "counts", "grid", "levels")
+
+    def __init__(self, f: FeatureBaseline) -> None:
+        q = np.asarray(f.quantiles, dtype=np.float64)
+        # a repeated quantile (an atom) keeps its first level: the reference then spreads the
+        # atom over the segment that starts at it, as the serving counts below do
+        self.grid, first = np.unique(q, return_index=True)
+        self.levels = first / (q.size - 1)
+        self.levels[-1] = 1.0
+        self._inner = self.grid[1:-1]
+        self.counts = np.zeros(max(1, self.grid.size - 1), dtype=np.int64)
+        self.below = self.above = 0
+        self.below_sum = self.above_sum = 0.0
+
+    def add(self, x: np.ndarray) -> None:
+        """Count non-null float values (NaN are nulls, left out)."""
+        # sorting the values and then placing the few grid points among them is 10x faster
+        # than placing every value among the grid points
+        x = np.sort(x[~np.isnan(x)])
+        lo, hi = self.grid[0], self.grid[-1]
+        first = int(np.searchsorted(x, lo, side="left"))  # values below the range
+        last = int(np.searchsorted(x, hi, side="right"))  # ... and up to its end
+        if first:
+            self.below += first
+            self.below_sum += float(first * lo - x[:first].sum())
+        if last < x.size:
+            self.above += x.size - last
+            self.above_sum += float(x[last:].sum() - (x.size - last) * hi)
+        # a value v is in segment j when inner[j - 1] <= v < inner[j] (the binning contract)
+        cuts = np.searchsorted(x, self._inner, side="left")
+        self.counts += np.diff(np.concatenate(([first], cuts, [last])))
+
+    def merge(self, other: ExactSide) -> None:
+        self.counts += other.counts
+        self.below += other.below
+        self.above += other.above
+        self.below_sum += other.below_sum
+        self.above_sum += other.above_sum
+
+    @property
+    def n(self) -> int:
+        return int(self.counts.sum()) + self.below + self.above
+
+    def gap(self) -> np.ndarray:
+        """|F_reference - F_serving| at each grid point (both as P(X < point))."""
+        cdf = (self.below + np.concatenate([[0], np.cumsum(self.counts)])) / self.n
+        if self.grid.size == 1:  # a constant feature: one point, F jumps to 1 there
+            cdf = np.array([self.below / self.n])
+            return np.abs(cdf)
+        return np.abs(self.levels - cdf)
+
+
+def wasserstein_exact(side: ExactSide, scale: float) -> float:
+    """W1 between the reference (its quantiles, linear between) and exact serving values, over
+    `scale`: the area between the CDFs inside the training range plus every value's distance
+    beyond it."""
+    n = side.n
+    if not n:
+        return math.nan
+    gap = side.gap()
+    inside = float(np.sum((gap[1:] + gap[:-1]) / 2 * np.diff(side.grid))) if gap.size > 1 else 0.0
+    area = inside + (side.below_sum + side.above_sum) / n
+    return area / (scale if scale > 0 else 1.0)
+
+
+def ks_exact(side: ExactSide) -> float:
+    """KS at every reference quantile (and beyond the range) from exact serving values."""
+    if not side.n:
+        return math.nan
+    return float(max(np.max(side.gap()), side.above / side.n))
+
+
 def ks_p_value(statistic: float, n: int, m: int) -> float | None:
     """Asymptotic two-sample KS p-value (scipy's `kstwobign`); None without scipy or data."""
     if not n or not m or math.isnan(statistic):
@@ -215,9 +303,12 @@ def evaluate_feature(
     *,
     method: Method = "auto",
     thresholds: Thresholds | None = None,
+    exact: ExactSide | None = None,
 ) -> dict[str, Any]:
     """One feature's drift record: every statistic that applies (None otherwise), the headline
-    test, the severity and why (`flags`); `source` says where the counts came from."""
+    test, the severity and why (`flags`, and `why` naming the statistic that set it with its
+    value and threshold); `source` says where the counts came from. `exact` (numeric, from
+    logged inputs) gives KS and Wasserstein from exact serving values."""
     t = thresholds or Thresholds()
     numeric = f.kind == "numeric"
     reference = np.asarray(f.proportions, dtype=np.float64)
@@ -243,6 +334,8 @@ def evaluate_feature(
         "reference_null_rate": f.null_rate,
         "reference_n": f.count,
         "flags": [],
+        "why": None,
+        "exact": False,
         "bins": {
             ("edges" if numeric else "categories"): f.edges if numeric else f.categories,
             "reference": f.proportions,
@@ -256,7 +349,7 @@ def evaluate_feature(
         out["psi"] = psi(reference, counts)
         out["js"] = js_divergence(reference, counts)
         if numeric:
-            _numeric_stats(out, f, reference, counts)
+            _numeric_stats(out, f, reference, counts, exact)
             out["out_of_range_rate"] = serving.out_of_range / present
         else:
             out["linf"] = linf(reference, counts)
@@ -266,33 +359,79 @@ def evaluate_feature(
 
 
 def _numeric_stats(
-    out: dict[str, Any], f: FeatureBaseline, reference: np.ndarray, counts: np.ndarray
+    out: dict[str, Any],
+    f: FeatureBaseline,
+    reference: np.ndarray,
+    counts: np.ndarray,
+    exact: ExactSide | None,
 ) -> None:
-    edges = np.asarray(f.edges, dtype=np.float64)
-    out["ks"] = ks_from_counts(reference, counts)
-    out["wasserstein"] = wasserstein_from_counts(edges, reference, counts, f.std or 0.0)
+    if exact is not None and exact.n:
+        out["ks"] = ks_exact(exact)
+        out["wasserstein"] = wasserstein_exact(exact, f.std or 0.0)
+        out["exact"] = True
+    else:
+        edges = np.asarray(f.edges, dtype=np.float64)
+        out["ks"] = ks_from_counts(reference, counts)
+        out["wasserstein"] = wasserstein_from_counts(edges, reference, counts, f.std or 0.0)
     out["p_value"] = ks_p_value(out["ks"], int(counts.sum()), f.count)
 
 
 def _judge(out: dict[str, Any], t: Thresholds) -> None:
     """Severity: the headline test's level (None when its p-value is not significant), raised
-    by a null-rate or out-of-range change; `flags` says which statistic set it."""
+    by a null-rate or out-of-range change; `flags` says which statistic set it, `why` says it
+    in one line with the deciding value and threshold."""
     head = out["method"]
     p = out["p_value"]
-    found: list[tuple[Severity, str]] = []
+    found: list[tuple[Severity, str, str]] = []
     if head == "chi2":
         drifted = p < t.alpha if p is not None else level(out["linf"], t.linf) != "none"
         sev = level(out["linf"], t.linf)
-        found.append((max(sev, "moderate", key=SEVERITIES.index) if drifted else "none", "chi2"))
+        sev = max(sev, "moderate", key=SEVERITIES.index) if drifted else "none"
+        test = f"p {_num(p)} {'<' if drifted else '>='} {t.alpha}" if p is not None else ""
+        text = ", ".join(x for x in (test, _versus("linf", out["linf"], t.linf)) if x)
+        found.append((sev, "chi2", f"chi2 {text}"))
     else:
-        value = out["wasserstein" if head == "wasserstein" else head]
-        sev = level(value, getattr(t, head))
+        key = "wasserstein" if head == "wasserstein" else head
+        value = out[key]
+        sev = level(value, getattr(t, key))
+        text = _versus(head, value, getattr(t, key))
         if head == "ks" and p is not None and p >= t.alpha:
             sev = "none"
-        found.append((sev, head))
+            text += f", p {_num(p)} >= {t.alpha}: not significant"
+        found.append((sev, head, text))
     delta = out["null_rate_delta"]
-    found.append((level(abs(delta) if delta is not None else None, t.null_rate_delta), "null_rate"))
-    found.append((level(out["out_of_range_rate"], t.out_of_range_rate), "out_of_range"))
-    worst = max((s for s, _ in found), key=SEVERITIES.index)
+    size = abs(delta) if delta is not None else None
+    found.append(
+        (
+            level(size, t.null_rate_delta),
+            "null_rate",
+            _versus("null rate delta", size, t.null_rate_delta),
+        )
+    )
+    rate = out["out_of_range_rate"]
+    found.append(
+        (
+            level(rate, t.out_of_range_rate),
+            "out_of_range",
+            _versus("out of range", rate, t.out_of_range_rate),
+        )
+    )
+    worst = max((s for s, _, _ in found), key=SEVERITIES.index)
     out["severity"] = worst
-    out["flags"] = [f"{name}: {sev}" for sev, name in found if sev != "none"]
+    out["flags"] = [f"{name}: {sev}" for sev, name, _ in found if sev != "none"]
+    out["why"] = next(text for sev, _, text in found if sev == worst)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.3g}"
+
+
+def _versus(name: str, value: float | None, bounds: tuple[float, float]) -> str:
+    """`wasserstein 0.47 >= 0.2`: the value against the level it reached (or the first one)."""
+    if value is None or math.isnan(value):
+        return f"{name} -"
+    if value >= bounds[1]:
+        return f"{name} {_num(value)} >= {bounds[1]:g}"
+    if value >= bounds[0]:
+        return f"{name} {_num(value)} >= {bounds[0]:g}"
+    return f"{name} {_num(value)} < {bounds[0]:g}"

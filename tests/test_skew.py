@@ -15,7 +15,7 @@ import pytest
 from scipy import stats
 from scipy.spatial import distance
 
-from safeserve.baseline import Baseline
+from safeserve.baseline import QUANTILES, Baseline
 from safeserve.skew import analyze
 from safeserve.skew_cli import add_skew_parser
 from safeserve.skew_report import chart_count, render_html
@@ -413,3 +413,231 @@ def test_p_values_are_null_without_scipy(
     report = analyze([log], baseline, method="ks")
     assert all(f["p_value"] is None for f in report["features"])
     assert {f["name"] for f in report["features"] if f["severity"] != "none"} == set(SHIFTED)
+
+
+class TestExactStatistics:
+    """Logged inputs are exact serving values: KS and Wasserstein are computed from them."""
+
+    @pytest.mark.parametrize(
+        ("draw", "seed"), [("lognormal", 0), ("lognormal", 1), ("normal", 2), ("integers", 3)]
+    )
+    def test_wasserstein_from_inputs_matches_scipy_on_the_raw_values(
+        self, draw: str, seed: int, tmp_path: Path
+    ) -> None:
+        """Against scipy's two-sample W1 on the raw training values: within 0.01 (the 10-bin
+        estimate from profiles is off by up to 0.1 on a heavy tail)."""
+        rng = np.random.default_rng(seed)
+
+        def sample(n: int) -> np.ndarray:
+            if draw == "lognormal":
+                return rng.lognormal(3.5, 1.3, n)
+            if draw == "integers":
+                return rng.integers(0, 24, n).astype(float)
+            return rng.normal(0, 1, n)
+
+        train, served = sample(5000), sample(300)
+        b = Baseline.from_data({"x": train})
+        log = _write(
+            tmp_path / "x.jsonl", [_decision(i, {"x": float(v)}) for i, v in enumerate(served)]
+        )
+        (x,) = analyze([log], b)["features"]
+        expected = stats.wasserstein_distance(train, served) / train.std()
+        assert x["exact"] is True
+        assert x["wasserstein"] == pytest.approx(expected, abs=0.01)
+        # the reference CDF is known at its quantiles: exact to one quantile step
+        assert x["ks"] <= stats.ks_2samp(train, served).statistic + 1 / QUANTILES
+
+    def test_values_beyond_the_training_range_count_their_whole_distance(
+        self, tmp_path: Path
+    ) -> None:
+        """A shift past the maximum is measured, not clipped into the last bin."""
+        rng = np.random.default_rng(4)
+        train = rng.uniform(0, 1, 4000)
+        b = Baseline.from_data({"x": train})
+        served = train[:1000] + 5.0
+        log = _write(tmp_path / "x.jsonl", [_decision(i, {"x": v}) for i, v in enumerate(served)])
+        (x,) = analyze([log], b)["features"]
+        expected = stats.wasserstein_distance(train, served) / train.std()
+        assert x["wasserstein"] == pytest.approx(expected, rel=0.01)
+        assert x["ks"] == pytest.approx(1.0)
+
+    def test_profiles_and_old_baselines_stay_binned(
+        self, baseline: Baseline, serving: list[dict[str, Any]], tmp_path: Path
+    ) -> None:
+        """Profiles hold bin counts only; a baseline without quantiles bins inputs too."""
+        profiles = [_profile(baseline, serving[i : i + 1000], i) for i in range(0, 5000, 1000)]
+        report = analyze([_write(tmp_path / "p.jsonl", profiles)], baseline)
+        assert not any(f["exact"] for f in report["features"])
+        raw = baseline.model_dump()
+        for f in raw["features"].values():
+            f["quantiles"] = []
+        old = Baseline.model_validate(raw)
+        log = _write(tmp_path / "d.jsonl", [_decision(i, r) for i, r in enumerate(serving)])
+        report = analyze([log], old)
+        assert not any(f["exact"] for f in report["features"])
+        assert {f["name"] for f in report["features"] if f["severity"] != "none"} == set(SHIFTED)
+
+
+class TestWhy:
+    """The statistic that set a feature's severity is on screen, in the JSON and the HTML."""
+
+    def test_why_names_the_deciding_statistic_with_value_and_threshold(
+        self,
+        baseline_file: Path,
+        serving: list[dict[str, Any]],
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """A Wasserstein-decided feature shows its w1 column and `wasserstein X >= 0.1`."""
+        log = _write(tmp_path / "d.jsonl", [_decision(i, r) for i, r in enumerate(serving)])
+        out, html = tmp_path / "r.json", tmp_path / "r.html"
+        assert _run([log, "--baseline", baseline_file, "--json", out, "--html", html]) == 0
+        text = capsys.readouterr().out
+        report = json.loads(out.read_text())
+        f2 = next(f for f in report["features"] if f["name"] == "f2")
+        assert f2["method"] == "wasserstein"
+        assert re.fullmatch(r"wasserstein [\d.]+ >= 0\.[12]", f2["why"])
+        assert " w1 " in text.splitlines()[2]
+        row = next(line for line in text.splitlines() if line.startswith("  f2 "))
+        assert f"{f2['wasserstein']:.3f}" in row
+        assert f2["why"] in row
+        assert "why (the deciding statistic)" in html.read_text()
+        assert f2["why"].replace(">", "&gt;") in html.read_text()
+
+    def test_a_null_rate_change_names_itself(self, baseline: Baseline, tmp_path: Path) -> None:
+        """When the null rate sets the severity, `why` says so, not the headline test."""
+        rows = _rows(2000, seed=8)
+        for r in rows[:1000]:
+            r["f1"] = None
+        report = analyze(
+            [_write(tmp_path / "n.jsonl", [_decision(i, r) for i, r in enumerate(rows)])],
+            baseline,
+        )
+        f1 = next(f for f in report["features"] if f["name"] == "f1")
+        assert f1["severity"] == "major"
+        assert f1["why"] == "null rate delta 0.5 >= 0.2"
+
+
+class TestReadingOnce:
+    """A record is counted once; profiles of another baseline are named as such."""
+
+    def test_the_same_log_twice_counts_once(
+        self, baseline: Baseline, serving: list[dict[str, Any]], tmp_path: Path
+    ) -> None:
+        """Given twice, a log gives the report of once; the repeats are counted as duplicates."""
+        records = [_decision(i, r, degraded=i % 5 == 0) for i, r in enumerate(serving[:1000])]
+        records += [_profile(baseline, serving[:1000], 0)]
+        records[-1]["policy"] = "other"
+        log = _write(tmp_path / "d.jsonl", records)
+        once, twice = analyze([log], baseline), analyze([log, log], baseline)
+        assert twice["features"] == once["features"]
+        assert twice["degradation"] == once["degradation"]
+        assert twice["records"] == once["records"]
+        assert twice["skipped_by"] == {"duplicate": 1001}
+
+    def test_outcomes_join_duplicated_decisions_once(
+        self, baseline: Baseline, serving: list[dict[str, Any]], tmp_path: Path
+    ) -> None:
+        """The outcome join reads each decision once too."""
+        records: list[Any] = [_decision(i, r) for i, r in enumerate(serving[:10])]
+        records += [
+            {"kind": "outcome", "schema_version": 1, "decision_id": f"d{i}", "outcome": 1}
+            for i in range(10)
+        ]
+        log = _write(tmp_path / "o.jsonl", records)
+        outcomes = analyze([log, log], baseline)["outcomes"]
+        assert outcomes["by_served_by"]["primary"] == {"n": 10, "mean": 1.0}
+
+    def test_a_profile_of_another_baseline_is_skipped_not_malformed(
+        self, baseline: Baseline, serving: list[dict[str, Any]], tmp_path: Path
+    ) -> None:
+        """Bins that differ: its counts are left out, its calls still count; said in words."""
+        other = Baseline.from_data(
+            {n: np.random.default_rng(9).normal(0, 1, 1000) for n in NAMES}, bins=4
+        )
+        records = [_profile(baseline, serving[:1000], 0), _profile(other, serving[1000:1500], 60)]
+        records[1]["id"] = "p-other"
+        log = _write(tmp_path / "p.jsonl", records)
+        report = analyze([log], baseline)
+        assert report["skipped"] == 0
+        assert report["profiles_other_baseline"] == 1
+        assert {f["n"] for f in report["features"]} == {1000}
+        assert report["degradation"]["calls"] == 1500
+
+    def test_the_cli_says_another_baseline(
+        self,
+        baseline: Baseline,
+        baseline_file: Path,
+        serving: list[dict[str, Any]],
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """The terminal names the cause in words, never "malformed"."""
+        other = Baseline.from_data({n: np.arange(100.0) for n in NAMES}, bins=4)
+        log = _write(tmp_path / "p.jsonl", [_profile(other, serving[:100], 0)])
+        assert _run([log, "--baseline", baseline_file, "-q"]) == 0
+        err = capsys.readouterr().err
+        assert "1 profile record(s) made against another baseline (bins differ): skipped" in err
+        assert "malformed" not in err
+
+
+class TestNothingToJudge:
+    """A gate that judged nothing does not pass; -q still says why a gate tripped."""
+
+    def test_an_empty_log_exits_2(
+        self, baseline_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        empty = tmp_path / "empty.jsonl"
+        empty.write_text("")
+        assert _run([empty, "--baseline", baseline_file, "--fail-on", "major"]) == 2
+        assert "nothing to judge: no decision or profile records" in capsys.readouterr().err
+
+    def test_a_policy_with_no_records_names_the_policies_there_are(
+        self,
+        baseline_file: Path,
+        serving: list[dict[str, Any]],
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """--policy frad (a typo) exits 2 and lists the log's policies."""
+        log = _write(tmp_path / "d.jsonl", [_decision(i, r) for i, r in enumerate(serving[:50])])
+        assert _run([log, "--baseline", baseline_file, "--policy", "frad", "-q"]) == 2
+        err = capsys.readouterr().err
+        assert "for policy 'frad'" in err
+        assert "policies in the logs: fraud" in err
+        assert _run([log, "--baseline", baseline_file, "--policy", "fraud", "-q"]) == 0
+
+    def test_a_gate_with_no_feature_values_exits_2(
+        self,
+        baseline_file: Path,
+        serving: list[dict[str, Any]],
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """Decisions without inputs and no profiles: the report runs, a gate cannot pass."""
+        records = [_decision(i, r) for i, r in enumerate(serving[:50])]
+        for r in records:
+            del r["inputs"]
+        log = _write(tmp_path / "d.jsonl", records)
+        assert _run([log, "--baseline", baseline_file, "-q"]) == 0
+        assert _run([log, "--baseline", baseline_file, "--fail-on", "major", "-q"]) == 2
+        assert "no feature has serving values" in capsys.readouterr().err
+
+    def test_quiet_still_says_why_the_gate_tripped(
+        self,
+        baseline_file: Path,
+        serving: list[dict[str, Any]],
+        tmp_path: Path,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """-q prints nothing on stdout but one line on stderr naming the features."""
+        log = _write(tmp_path / "d.jsonl", [_decision(i, r) for i, r in enumerate(serving)])
+        assert _run([log, "--baseline", baseline_file, "--fail-on", "major", "-q"]) == 1
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        (line,) = captured.err.splitlines()
+        assert line.startswith("safeserve skew: gate tripped: ")
+        assert all(name in line for name in SHIFTED)
+        assert "--fail-on major" in line
+        assert _run([log, "--baseline", baseline_file, "--fail-share", "0.3", "-q"]) == 1
+        assert "30% of features drifted (--fail-share 0.3)" in capsys.readouterr().err

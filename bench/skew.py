@@ -145,13 +145,13 @@ def run_cli(log: Path, baseline: Path, out: Path) -> tuple[float, float, int]:
 def safeserve_stats(baseline: Baseline, x: np.ndarray) -> tuple[float, set[str]]:
     """Seconds for every statistic of every feature on rows in memory (KS and Wasserstein
     from the exact values, as the report does for logged inputs), and the flagged set."""
-    from safeserve.skew import _Side
+    from safeserve.skew_counts import Side
 
     start = time.perf_counter()
     flagged = set()
     for j, name in enumerate(NAMES):
         f = baseline.features[name]
-        side, exact = _Side(f.slots), ExactSide(f)
+        side, exact = Side(f.slots), ExactSide(f)
         side.add(f, x[:, j], len(x))
         exact.add(x[:, j])
         item = evaluate_feature(f, side, "inputs", thresholds=Thresholds(), exact=exact)

@@ -185,6 +185,60 @@ class TestRedactedAndHashed:
         assert device["severity"] == "none"
 
 
+def _decisions(path: Path, inputs: list[dict[str, Any]]) -> Path:
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "kind": "decision",
+                    "schema_version": 1,
+                    "id": f"{path.stem}{i}",
+                    "ts": "2026-01-01T00:00:00+00:00",
+                    "policy": "p",
+                    "degraded": False,
+                    "reasons": [],
+                    "inputs": x,
+                }
+            )
+            + "\n"
+            for i, x in enumerate(inputs)
+        )
+    )
+    return path
+
+
+class TestMarkers:
+    """Redaction markers and hash formats in values; keys missing from only some inputs."""
+
+    def test_markers_and_bracketed_hashes_are_not_compared(
+        self, baseline: Baseline, tmp_path: Path
+    ) -> None:
+        rows = _transactions(400, seed=6)
+        for x in rows:
+            x["card_number"] = "[redacted]"
+            x["country"] = f"[hash:{'ab12' * 8}]"
+        report = analyze([_decisions(tmp_path / "m.jsonl", rows)], baseline)
+        assert {f["name"] for f in report["features"] if not f["compared"]} == {
+            "card_number",
+            "country",
+        }
+        assert all(f["severity"] == "none" for f in report["features"] if not f["compared"])
+
+    def test_a_key_missing_from_some_inputs_is_still_judged_as_nulls(
+        self, baseline: Baseline, tmp_path: Path
+    ) -> None:
+        """Only a key no logged input holds is taken for redacted; one that comes and goes is
+        data (nulls), and a null-rate jump is drift."""
+        rows = _transactions(400, seed=7)
+        for x in rows[:200]:
+            del x["hour"]
+        report = analyze([_decisions(tmp_path / "k.jsonl", rows)], baseline)
+        hour = next(f for f in report["features"] if f["name"] == "hour")
+        assert hour["compared"] is True
+        assert hour["null_rate"] == pytest.approx(0.5)
+        assert hour["severity"] == "major"
+
+
 class TestDrillCalls:
     """Drill calls skip profiling; the report still counts them, as stats() does."""
 

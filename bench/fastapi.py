@@ -9,7 +9,7 @@ and the server's own CPU time per request (from /proc, so the load generator's c
 it); the table shows the median over rounds, and the ratios against bare are paired per round
 (targets: throughput >= 95 %, p99 at most +0.2 ms).
 
-    python bench/fastapi.py [--requests 40000] [--concurrency 32] [--rounds 8] [--quick]
+    python bench/fastapi.py [--requests 48000] [--concurrency 32] [--rounds 16] [--quick]
 """
 
 import os
@@ -220,9 +220,9 @@ def measure(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=40000, help="per variant, all rounds")
+    parser.add_argument("--requests", type=int, default=48000, help="per variant, all rounds")
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="12k requests in 4 rounds")
     parser.add_argument("--serve", choices=list(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)

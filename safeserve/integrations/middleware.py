@@ -276,6 +276,7 @@ class _Responder:
         "deadline",
         "expired",
         "failed_status",
+        "first",
         "noted",
         "permit",
         "receive",
@@ -294,7 +295,10 @@ class _Responder:
         self.t0 = perf_counter()
         self.state = _WAITING
         self.permit = 0
-        self.chunks: list[bytes] | None = None  # the request body as read so far, for a fallback
+        # the request as the endpoint read it, kept for a fallback: the first message as it is
+        # (usually the whole body), then the bodies of any later ones up to max_body
+        self.first: Message | None = None
+        self.chunks: list[bytes] | None = None
         self.body_size = 0
         self.body_done = False
         self.failed_status = 0
@@ -392,19 +396,21 @@ class _Responder:
     async def receive_tee(self) -> Message:
         """The request, as read by the endpoint; its body is kept for a fallback."""
         message = await self.receive()
-        if message["type"] == "http.request" and not self.body_done:
-            if self.chunks is None and not message.get("more_body"):
-                self.chunks = [message.get("body", b"")]  # the common case: one chunk
-                self.body_done = True
-            else:
-                self._keep(message)
+        if self.first is None:
+            self.first = message
+        elif not self.body_done:
+            self._keep(message)
         return message
 
     def _keep(self, message: Message) -> None:
+        """A message after the first: its body is kept, up to max_body."""
+        if message["type"] != "http.request":
+            self.body_done = True
+            return
         body = message.get("body", b"")
+        self.body_size += len(body)
         if self.chunks is None:
             self.chunks = []
-        self.body_size += len(body)
         if self.body_size <= self.route.max_body:
             self.chunks.append(body)
         self.body_done = not message.get("more_body", False)
@@ -450,19 +456,21 @@ class _Responder:
 
     async def request_input(self) -> Any:
         """The request body as parsed JSON (None when absent, too large or not JSON)."""
-        while not self.body_done:
-            message = await self.receive()
-            if message["type"] != "http.request":
-                break
-            self._keep(message)
-        chunks = self.chunks
-        if not chunks:
+        first = self.first
+        if first is None:  # the endpoint did not run, or read nothing
+            first = self.first = await self.receive()
+        if first["type"] != "http.request":
             return None
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if first.get("more_body"):
+            while not self.body_done:
+                self._keep(await self.receive())
+        body = first.get("body", b"")
+        if self.chunks:
+            body = b"".join([body, *self.chunks])
         if len(body) > self.route.max_body or self.body_size > self.route.max_body:
             return None
         try:
-            return json.loads(body)
+            return json.loads(body) if body else None
         except ValueError:
             return None
 

@@ -244,14 +244,11 @@ class _Deadlines:
 _TIMER_SLACK_S = 0.001
 
 
-def _deadlines(route: _Route) -> _Deadlines:
-    """The route's deadline queue on the running loop (a new loop gets a new queue)."""
-    loop = asyncio.get_running_loop()
-    d = route.deadlines.get(loop)
-    if d is None:
-        for old in [lp for lp in route.deadlines if lp.is_closed()]:
-            del route.deadlines[old]
-        d = route.deadlines[loop] = _Deadlines(loop)
+def _new_deadlines(route: _Route, loop: asyncio.AbstractEventLoop) -> _Deadlines:
+    """The route's deadline queue on a loop it has not served yet (closed loops are dropped)."""
+    for old in [lp for lp in route.deadlines if lp.is_closed()]:
+        del route.deadlines[old]
+    d = route.deadlines[loop] = _Deadlines(loop)
     return d
 
 
@@ -328,8 +325,10 @@ class _Responder:
             budget = p.timeout_s
             try:
                 if budget is not None:
-                    self.task = asyncio.current_task()
-                    _deadlines(route).watch(self, budget)
+                    loop = asyncio.get_running_loop()
+                    self.task = asyncio.current_task(loop)
+                    deadlines = route.deadlines.get(loop) or _new_deadlines(route, loop)
+                    deadlines.watch(self, budget)
                 await route.app(scope, self.receive_tee, self.send_checked)
             except asyncio.CancelledError:
                 if not self.timed_out():

@@ -224,11 +224,11 @@ def _numeric(name: str, column: np.ndarray, bins: int, owner: str | None) -> Fea
     # one sort gives exact min/max, the quantiles and every bin's count (by bisection)
     ordered = np.sort(values)
     lo, hi = float(ordered[0]), float(ordered[-1])
-    edges = np.unique(np.quantile(ordered, np.linspace(0.0, 1.0, bins + 1)))
+    edges = np.unique(_sorted_quantiles(ordered, bins))
     edges[0], edges[-1] = lo, hi  # exact, whatever the interpolation did
     below = np.searchsorted(ordered, edges[1:-1], side="left")
     counts = np.diff(np.concatenate(([0], below, [ordered.size])))
-    quantiles = np.quantile(ordered, np.linspace(0.0, 1.0, QUANTILES + 1))
+    quantiles = _sorted_quantiles(ordered, QUANTILES)
     quantiles[0], quantiles[-1] = lo, hi
     quantiles = np.maximum.accumulate(quantiles)  # interpolation rounding never goes back
     return FeatureBaseline(
@@ -246,6 +246,15 @@ def _numeric(name: str, column: np.ndarray, bins: int, owner: str | None) -> Fea
         owner=owner,
         quantiles=quantiles.tolist(),
     )
+
+
+def _sorted_quantiles(ordered: np.ndarray, parts: int) -> np.ndarray:
+    """`np.quantile(ordered, linspace(0, 1, parts + 1))` (linear) of already sorted values,
+    without np.quantile's partition of a copy (10 ms per million values)."""
+    position = np.linspace(0.0, ordered.size - 1, parts + 1)
+    low = np.floor(position).astype(np.int64)
+    high = np.minimum(low + 1, ordered.size - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def _categorical(

@@ -254,7 +254,8 @@ def _sorted_quantiles(ordered: np.ndarray, parts: int) -> np.ndarray:
     position = np.linspace(0.0, ordered.size - 1, parts + 1)
     low = np.floor(position).astype(np.int64)
     high = np.minimum(low + 1, ordered.size - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    values: np.ndarray = ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    return values
 
 
 def _categorical(

@@ -199,7 +199,7 @@ def _fields_of(value: Any) -> Any:
         names = getattr(value, "_fields", None)  # a named tuple
         return zip(names, value, strict=False) if isinstance(names, tuple) else None
     if isinstance(value, BaseModel):
-        return iter(value)  # fields and extras, by name
+        return value.model_dump().items()  # as before: serializers and computed fields applied
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return ((f.name, getattr(value, f.name, None)) for f in dataclasses.fields(value))
     if isinstance(value, _NOT_RECORDS):

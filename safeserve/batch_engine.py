@@ -279,6 +279,7 @@ class BatchRun(FallbackWalk):
                     ms(perf_counter() - self.t0),
                 )
                 record.row, record.batch_id = i, self.batch_id
+                self.keep_batch_secrets(record)
                 guard._emit(p, record, self._x(i), answer, logged=True)
 
     def _degrade_all(self, idx: np.ndarray, reason: RawReason, attempts: list[RawAttempt]) -> None:

@@ -20,6 +20,7 @@ from safeserve.confidence import first_non_finite
 from safeserve.decisions import Record
 from safeserve.degrade import Degradation, ms
 from safeserve.fallbacks import FallbackStep, ModelStep, NoAnswer
+from safeserve.recording import Recorded
 
 if TYPE_CHECKING:
     from safeserve.guard import Guard
@@ -66,6 +67,27 @@ class FallbackWalk:
     validated: dict[int, Any]
     pending: dict[int, Degradation]
     records: dict[int, Record]
+    _batch_secrets: Recorded | None = None
+
+    def keep_batch_secrets(self, record: Record) -> None:
+        """An error of a whole (sub)batch may quote any of its rows: a record of one row is
+        scrubbed of the redacted and hashed values of every row (read once per batch, from
+        those fields only, and only when the policy has such fields and a record is made)."""
+        recorder = self.p.recorder
+        if not recorder.keys:
+            return
+        if self._batch_secrets is None:
+            rows = self.rows
+            if rows.form == "records":
+                everything: Any = list(rows.data)
+            else:
+                columns = {k: rows.column(k).tolist() for k in sorted(recorder.keys)}
+                everything = [
+                    dict(zip(columns, values, strict=True))
+                    for values in zip(*columns.values(), strict=True)
+                ]
+            self._batch_secrets = recorder(everything)
+        record.keep(self._batch_secrets)
 
     def fallbacks(self) -> Generator[FallbackCall, Answered, None]:
         """Walks the fallbacks for every row that degraded, in the policy's order: a row
@@ -167,4 +189,5 @@ class FallbackWalk:
         )
         record.row, record.batch_id = i, self.batch_id
         self.records[i] = record
+        self.keep_batch_secrets(record)
         self.guard._emit(p, record, d.x, value, logged=True)

@@ -20,7 +20,7 @@ from typing import Any
 from safeserve.breaker import REJECTED, Breaker
 from safeserve.confidence import ConfidenceCheck
 from safeserve.context import note
-from safeserve.decisions import Outcome, RawAttempt, RawReason, Record, describe_error, json_safe
+from safeserve.decisions import Outcome, RawAttempt, RawReason, Record, describe_error
 from safeserve.errors import InputRejected, NoFallbackAvailable, Overloaded, PolicyError
 from safeserve.fallbacks import FallbackStep, NoAnswer
 from safeserve.pipeline import Pipeline
@@ -367,10 +367,8 @@ class DegradationPath:
         return record
 
     def _emit(self, p: Pipeline, record: Record, x: Any, value: Any, logged: bool) -> Record:
-        if p.include_inputs:
-            record.inputs = p.recorder(x)
-        if p.include_outputs:
-            record.output = json_safe(value)
+        # the input is always read for what the record's text must be scrubbed of
+        p.recorder.attach(record, x, value, p.include_inputs, p.include_outputs)
         if not logged:
             return record
         self._ring.append(record)

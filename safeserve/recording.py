@@ -115,6 +115,11 @@ class InputRecorder:
         salt = salt or os.environ.get("SAFESERVE_HASH_SALT") or os.urandom(16).hex()
         self._salt = salt.encode()
 
+    @property
+    def keys(self) -> frozenset[str]:
+        """The field names redacted or hashed."""
+        return self._keys
+
     def hash_value(self, value: Any) -> str:
         """A salted SHA-256 of the value's JSON form (first 32 hex digits)."""
         data = repr(json_safe(value)).encode()

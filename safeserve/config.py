@@ -255,7 +255,8 @@ def describe(policy: Policy) -> str:
         else ""
     )
     breaker = (
-        f"{b.window} window {b.window_size}, min {b.min_calls} calls, "
+        f"{b.window} window {b.window_size}{' calls' if b.window == 'count' else ' s'},"
+        f" min {b.min_calls} calls, "
         f"trips at {b.failure_rate_threshold:.0%} failures{slow}, open {b.open_s:g}s"
         + (" (metrics only)" if b.mode == "metrics_only" else "")
     )

@@ -227,6 +227,8 @@ class Guard(DegradationPath):
 
         The breaker (and its state) survives unless the breaker settings changed.
         """
+        if not isinstance(policy, Policy):
+            raise PolicyError([f"reload: expected an ss.Policy, got {type(policy).__name__}"])
         if policy.name != self.name:
             raise PolicyError([f"name: a reload cannot rename {self.name!r} to {policy.name!r}"])
         fn = policy.model if policy.model is not None else self.fn

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -74,6 +75,25 @@ class BreakerConfig(_Config):
     store_sync_s: float = Field(default=0.05, gt=0, le=5)
     on_state_change: list[Callable[..., Any]] = Field(default_factory=list)
     clock: Callable[[], float] = Field(default=time.monotonic, exclude=True)
+
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return url
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("a redis://host:port/db, rediss://... or unix://... URL")
+        db = parts.path.strip("/") if parts.scheme != "unix" else ""
+        if db and not db.isdigit():
+            raise ValueError(
+                f"the database in {parts.scheme}://host:port/db is a number, not {db!r}"
+            )
+        try:
+            parts.port  # noqa: B018 (raises on a port that is not a number)
+        except ValueError:
+            raise ValueError("the port is not a number") from None
+        return url
 
     @model_validator(mode="after")
     def _check_probes(self) -> BreakerConfig:

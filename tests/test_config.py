@@ -550,7 +550,7 @@ class TestCli:
         assert (
             "fallbacks v2 (model) -> recent (cache) -> rules (rules) -> default (static)" in fraud
         )
-        assert "count window 20, min 10 calls" in fraud
+        assert "count window 20 calls, min 10 calls" in fraud
         assert "open 30s" in fraud
         assert fraud.endswith("timeout 0.2s")
 

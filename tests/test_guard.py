@@ -693,3 +693,24 @@ class TestBreaker:
         g2 = ss.guard(name="same", breaker=cfg, fallbacks=fb)(model.function())
         trip(g1, model)
         assert g2.breaker.state == "closed"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://cache:6379/0", "a redis://host:port/db"),
+        ("redis://:6379/abc", "is a number, not 'abc'"),
+        ("redis://cache:port/0", "the port is not a number"),
+    ],
+)
+def test_a_bad_store_url_is_a_policy_error(url: str, message: str) -> None:
+    """A breaker store URL that redis-py could not use is refused with the field's name."""
+    with pytest.raises(ss.PolicyError, match=r"BreakerConfig\.store: .*") as err:
+        ss.BreakerConfig(store=url)
+    assert message in str(err.value)
+
+
+def test_reload_takes_a_policy() -> None:
+    g = ss.guard(name="reload-type")(_noop)
+    with pytest.raises(ss.PolicyError, match=r"reload: expected an ss\.Policy, got dict"):
+        g.reload({"name": "reload-type"})  # type: ignore[arg-type]

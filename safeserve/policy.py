@@ -301,3 +301,19 @@ class Policy(_Config):
         if "primary" in names:
             raise ValueError("'primary' is reserved for the guarded model")
         return fallbacks
+
+    @model_validator(mode="after")
+    def _rules_name_schema_fields(self) -> Policy:
+        """A rule on a feature the input schema does not have would never match: refused, as
+        a policies file refuses it."""
+        schema = self.validation.schema if self.validation is not None else None
+        if not isinstance(schema, type) or not issubclass(schema, BaseModel):
+            return self  # (a policies file's own models check this themselves, with lines)
+        known = {f.alias or n for n, f in schema.model_fields.items()} | set(schema.model_fields)
+        for i, fallback in enumerate(self.fallbacks):
+            for j, rule in enumerate(getattr(fallback, "table", ())):
+                for feature in rule.when:
+                    if feature not in known:
+                        where = f"fallbacks[{i}].rules[{j}].when.{feature}"
+                        raise ValueError(f"{where}: not a field of the input schema")
+        return self

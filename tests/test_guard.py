@@ -714,3 +714,10 @@ def test_reload_takes_a_policy() -> None:
     g = ss.guard(name="reload-type")(_noop)
     with pytest.raises(ss.PolicyError, match=r"reload: expected an ss\.Policy, got dict"):
         g.reload({"name": "reload-type"})  # type: ignore[arg-type]
+
+
+def test_a_rule_on_a_field_the_schema_lacks_is_a_policy_error() -> None:
+    """In code as in a policies file: a rule that could never match is refused."""
+    rules = ss.Fallback.rules("rules", [ss.Rule(when={"amout": {"gt": 1}}, then=1)])
+    with pytest.raises(ss.PolicyError, match=r"rules\[0\]\.when\.amout: not a field"):
+        ss.Policy(name="typo", validation=ss.ValidationConfig(schema=Row), fallbacks=[rules])

@@ -78,6 +78,13 @@ class BatchRun(FallbackWalk):
         The vectorized mask only finds the suspect rows; each is then validated as a single
         call would be, so its problems (and whether it is invalid at all) read the same."""
         p, rows = self.p, self.rows
+        if self.guard.forced is not None:  # an outage drill: no row reaches the primary
+            drill = self.guard._drill(p, (), {}, 0).reasons
+            state = self.guard.breaker.state
+            for i in range(rows.n):
+                self.notices.setdefault(i, []).extend(drill[1:])
+                self._degrade(i, state, drill[0], [])
+            return np.empty(0, dtype=_INDEX)
         profile_rows(p, rows)
         if not p.validating:
             return np.arange(rows.n, dtype=_INDEX)

@@ -227,6 +227,33 @@ class TestPlainGuards:
         assert out.values == [2.0, 3.0]
 
 
+class TestDrills:
+    """`ss.force_degradation` drills batches as it drills calls: no row reaches the primary."""
+
+    @pytest.mark.parametrize("batch", [True, False])
+    def test_every_row_falls_back_with_the_drill_reasons(self, batch: bool) -> None:
+        reached: list[Any] = []
+
+        def model(x: Any) -> Any:
+            reached.append(x)
+            return [1.0] * len(x) if batch else 1.0
+
+        predict = ss.guard(
+            name=f"drill-{batch}-{time.monotonic_ns()}",
+            batch=batch,
+            fallbacks=[ss.Fallback.static("static", -1.0)],
+        )(model)
+        with ss.force_degradation(reason="timeout"):
+            out = predict.batch([{"a": 1.0}, {"a": 2.0}, {"a": 3.0}])
+        assert reached == []
+        assert out.values == [-1.0, -1.0, -1.0]
+        assert out.served_by == ["static"] * 3
+        assert [sorted(r.code for r in d.reasons) for d in out.decisions] == [
+            ["forced", "timeout"]
+        ] * 3
+        assert predict.batch([{"a": 1.0}]).served_by == ["primary"]  # drill over
+
+
 class TestMethods:
     """`.batch` of a guarded method passes the instance to the model, as a call does."""
 

@@ -25,7 +25,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 import safeserve as ss
-from safeserve.fastapi import SafeServeMiddleware, admin_router
+from safeserve.fastapi import SafeServeMiddleware, admin_router, install_error_handlers
 
 
 class Txn(BaseModel):
@@ -75,3 +75,5 @@ async def explain(txn: Txn) -> dict[str, Any]:
 app.add_middleware(SafeServeMiddleware, routes={"/predict": policy})
 # guards=None: every live guard, including the one the middleware made for /predict
 app.include_router(admin_router(token=os.environ.get("SAFESERVE_ADMIN_TOKEN")))
+# FastAPI's default 422 echoes the offending input: answer in safeserve's clean shape instead
+install_error_handlers(app)

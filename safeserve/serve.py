@@ -31,8 +31,8 @@ from safeserve.configfile import SUFFIXES
 from safeserve.decisions import json_safe
 from safeserve.decorator import guard_model
 from safeserve.errors import InputRejected, NoFallbackAvailable, PolicyError, Problem
-from safeserve.fastapi import admin_router
 from safeserve.guard import AsyncGuard, Guard
+from safeserve.integrations.admin import admin_router
 from safeserve.policy import Policy
 
 POLICIES_ENV = "SAFESERVE_POLICIES"
@@ -98,8 +98,7 @@ def build_app(
         version="1",
     )
     app.state.unserved = [name for name in policies if name not in served]
-    app.add_exception_handler(RequestValidationError, _request_invalid)
-    app.add_exception_handler(Exception, _internal_error)
+    install_error_handlers(app)
     guards: list[Guard] = []
     schemas: dict[str, type[BaseModel]] = {}
     for name, policy in served.items():
@@ -258,6 +257,15 @@ def _invalid_input(problems: Sequence[Problem]) -> JSONResponse:
 
 def _refused(error: str, status: int) -> JSONResponse:
     return JSONResponse({"error": error}, status)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Clean error bodies for a FastAPI app: its own request validation answers 422 in the
+    guard's shape (`{"error": "invalid_input", "problems": [{"loc", "message"}]}`) instead of
+    FastAPI's default, which echoes the offending input; an unhandled exception answers 500
+    `{"error": "internal_error"}` (the trace goes to the server's log only)."""
+    app.add_exception_handler(RequestValidationError, _request_invalid)
+    app.add_exception_handler(Exception, _internal_error)
 
 
 async def _request_invalid(request: Request, exc: Exception) -> JSONResponse:

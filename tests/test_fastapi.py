@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import time
 from collections.abc import MutableMapping
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -378,3 +380,26 @@ class TestRealUvicorn:
                 arrivals.append(time.perf_counter() - t0)
         assert len(arrivals) >= 2
         assert arrivals[0] < 0.15 < arrivals[-1]
+
+
+class TestExampleApp:
+    """examples/fastapi_app.py, the app users copy, works as its docstring says."""
+
+    def test_guarded_route_and_clean_errors(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.chdir(tmp_path)  # its decision log is a relative path
+        monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+        module = importlib.import_module("examples.fastapi_app")
+        app = module.app
+        r = post(app, "/predict", {"amount": 1200, "country": "DE"})
+        assert r.status_code == 200
+        assert headers_of(r)[0] is not None
+        secret = "4111111111111111"
+        r = post(app, "/explain", {"amount": "lots", "country": ["DE"], "card_number": secret})
+        assert r.status_code == 422
+        body = r.json()
+        assert body["error"] == "invalid_input"
+        assert {p["loc"] for p in body["problems"]} == {"amount", "country"}
+        assert "lots" not in r.text
+        assert secret not in r.text

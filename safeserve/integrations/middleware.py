@@ -333,6 +333,7 @@ class _Responder:
             except asyncio.CancelledError:
                 if not self.timed_out():
                     guard.breaker.release(permit)  # the client or server went away: no outcome
+                    self.state = _DROPPED  # its deadline must not cancel the task's later work
                     raise
                 failure: Exception = _timeout(budget)
             except Exception as exc:

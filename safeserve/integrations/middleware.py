@@ -216,10 +216,10 @@ class _Deadlines:
         """Expire `r` at `r.t0 + timeout_s` unless its response has started by then."""
         r.deadline = r.t0 + timeout_s
         pending = self.pending
-        while pending and pending[0].state:
+        while pending and pending[0].state in _SETTLED:
             pending.popleft()
         if len(pending) >= self.compact_at:  # a slow request at the head holds the rest
-            self.pending = pending = deque(q for q in pending if not q.state)
+            self.pending = pending = deque(q for q in pending if q.state not in _SETTLED)
             self.compact_at = max(64, 2 * len(pending))
         pending.append(r)
         if self.timer is None:
@@ -231,7 +231,7 @@ class _Deadlines:
         now = perf_counter() + _TIMER_SLACK_S
         while pending:
             r = pending[0]
-            if not r.state:
+            if r.state not in _SETTLED:
                 if r.deadline > now:
                     self.timer = self.loop.call_later(r.deadline - now, self.check)
                     return
@@ -255,7 +255,9 @@ def _new_deadlines(route: _Route, loop: asyncio.AbstractEventLoop) -> _Deadlines
 # What happens to the endpoint's messages (`_Responder.state`).
 _WAITING = 0  # the response start is checked when it comes
 _STARTED = 1  # passed on: the endpoint's answer stands, the time budget no longer applies
-_DROPPED = 2  # dropped: a 5xx start, the deadline or the endpoint's end; a fallback answers
+_DROPPED = 2  # dropped: the deadline or the endpoint's end came first; a fallback answers
+_FAILING = 3  # dropped: a 5xx start, from an endpoint still running under its time budget
+_SETTLED = (_STARTED, _DROPPED)  # the time budget no longer applies
 
 
 class _Responder:
@@ -374,7 +376,7 @@ class _Responder:
         """The deadline passed before the response started: drop the endpoint's messages and
         cancel it where it waits (a sync endpoint's thread cannot be interrupted, only left
         behind); `serve` then answers from a fallback."""
-        if self.state != _WAITING:
+        if self.state in _SETTLED:
             return
         self.state = _DROPPED
         self.expired = True
@@ -426,7 +428,7 @@ class _Responder:
         status = message["status"]
         if status >= 500:
             self.failed_status = status
-            self.state = _DROPPED
+            self.state = _FAILING
             return _dropped()
         self.state = _STARTED
         route = self.route

@@ -246,8 +246,9 @@ _TIMER_SLACK_S = 0.001
 
 def _new_deadlines(route: _Route, loop: asyncio.AbstractEventLoop) -> _Deadlines:
     """The route's deadline queue on a loop it has not served yet (closed loops are dropped)."""
-    for old in [lp for lp in route.deadlines if lp.is_closed()]:
-        del route.deadlines[old]
+    for old in list(route.deadlines):  # a copy: loops in other threads may add theirs
+        if old.is_closed():
+            route.deadlines.pop(old, None)
     d = route.deadlines[loop] = _Deadlines(loop)
     return d
 

@@ -5,7 +5,9 @@ Run ``python bench/batch.py`` (about half a minute; ``--quick`` for a few second
 1. validation of 1M rows x 20 numeric features against a baseline (range and null checks), with
    numpy over blocks of rows, against guarding the same rows one call at a time (measured on
    10k rows and scaled) — target < 0.4 s and >= 100x;
-2. `predict.batch(X)` of a `batch=True` guard (output and confidence checks on, no baseline)
+2. the same rows against a pydantic input schema of 20 bounded float fields, tested a column at
+   a time, against the same guard's schema validation one call at a time — target >= 100x;
+3. `predict.batch(X)` of a `batch=True` guard (output and confidence checks on, no baseline)
    against calling the model on the same 100k-row array directly — target < 5 % overhead.
 
 Each figure is the median of several repeats (min beside it), measured round-robin.
@@ -21,9 +23,11 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from pydantic import Field, create_model
 
 import safeserve as ss
 from safeserve.batch_rows import Rows, failing_rows
+from safeserve.batch_schema import column_rules, suspect_rows
 from safeserve.validation import BaselineChecks
 
 FEATURES = 20
@@ -98,6 +102,38 @@ def validation(n_rows: int, n_single: int, repeats: int) -> None:
     print(f"  ratio row-by-row / whole batch        {single_scaled / whole_med:8.0f}x")
 
 
+def schema_validation(n_rows: int, n_single: int, repeats: int) -> None:
+    names = [f"x{j}" for j in range(FEATURES)]
+    fields: dict[str, Any] = {n: (float, Field(ge=0.0, le=1.0)) for n in names}
+    schema = create_model("Features", **fields)
+    x = RNG.uniform(0.05, 0.95, (n_rows, FEATURES))
+    x[::1000, 3] = 7.0
+    rules = column_rules(schema)
+    assert rules is not None
+    rows = Rows(x, names)
+    med, best = timed(lambda: suspect_rows(rules, rows), repeats)
+    single = ss.guard(
+        name="bench-batch-schema-single",
+        validation=ss.ValidationConfig(schema=schema),
+        fallbacks=[ss.Fallback.static("default", 0.0)],
+    )(lambda row: row["x0"])
+    dict_rows = [dict(zip(names, r, strict=True)) for r in x[:n_single].tolist()]
+
+    def row_by_row() -> None:
+        for row in dict_rows:
+            single(row)
+
+    single_med, _ = timed(row_by_row, max(1, repeats // 2))
+    single_scaled = single_med * n_rows / n_single
+    print(f"schema validation, {n_rows:,} rows x {FEATURES} bounded float fields (pydantic)")
+    print(f"  column tests           {med * 1000:8.1f} ms (min {best * 1000:.1f})")
+    print(
+        f"  guard row by row       {single_scaled * 1000:8.1f} ms (measured on {n_single:,} rows,"
+        " scaled)"
+    )
+    print(f"  ratio row-by-row / column tests      {single_scaled / med:8.0f}x   target >= 100x")
+
+
 def overhead(n_rows: int, repeats: int) -> None:
     w1 = RNG.normal(0.0, 0.3, (FEATURES, 64))
     w2 = RNG.normal(0.0, 0.3, (64, 2))
@@ -144,6 +180,7 @@ def main() -> None:
     print(f"safeserve {ss.__version__}, numpy {np.__version__}, Python {platform.python_version()}")
     with ss.testing():
         validation(1_000_000, 10_000, repeats)
+        schema_validation(1_000_000, 10_000, repeats)
         overhead(100_000, repeats * 3)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from safeserve.batch_fallbacks import FallbackWalk
 from safeserve.batch_rows import BatchOutcome, Rows, as_plain, assemble, failing_rows, profile_rows
+from safeserve.batch_schema import column_rules, suspect_rows
 from safeserve.confidence import auto_extract
 from safeserve.decisions import RawAttempt, RawReason, Record, describe_error, new_id
 from safeserve.degrade import Degradation, ms
@@ -89,12 +90,13 @@ class BatchRun(FallbackWalk):
         if not p.validating:
             return np.arange(rows.n, dtype=_INDEX)
         vectorized = [c for c in p.checks if isinstance(c, BaselineChecks)]
-        if p.schema is None and len(vectorized) == len(p.checks):
-            suspect = np.zeros(rows.n, dtype=bool)
+        rules = column_rules(p.schema.schema) if p.schema is not None else []
+        if rules is not None and len(vectorized) == len(p.checks):
+            suspect = suspect_rows(rules, rows) if rules else np.zeros(rows.n, dtype=bool)
             for check in vectorized:
                 suspect |= failing_rows(check, rows)
             to_check = np.flatnonzero(suspect)
-        else:  # a schema or a per-row check (freshness): every row, one at a time
+        else:  # a schema beyond column tests, or a per-row check (freshness): row by row
             suspect = np.ones(rows.n, dtype=bool)
             to_check = np.arange(rows.n, dtype=_INDEX)
         for i in to_check.tolist():

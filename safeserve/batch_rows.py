@@ -206,7 +206,7 @@ def failing_rows(checks: BaselineChecks, rows: Rows) -> np.ndarray:
         present = [c for c in numeric if c[0] in rows.names]
         if present:  # the whole matrix at once: one pass per comparison, no column copies
             cols = [rows.names.index(c[0]) for c in present]
-            bad |= _out_of_range(data, cols, present)
+            bad |= out_of_range(data, cols, present)
             numeric = [c for c in numeric if c[0] not in rows.names]
     for name, lo_, hi_, allow_null in numeric:
         bad |= _numeric_fails(rows.column(name), lo_, hi_, allow_null)
@@ -228,7 +228,7 @@ def failing_rows(checks: BaselineChecks, rows: Rows) -> np.ndarray:
 _BLOCK = 4096  # rows per pass: the block, its bounds and the bool buffers stay in L2
 
 
-def _out_of_range(data: np.ndarray, cols: list[int], checks: list[Any]) -> np.ndarray:
+def out_of_range(data: np.ndarray, cols: list[int], checks: list[Any]) -> np.ndarray:
     """Rows of a numeric matrix with a value outside its range (or a null where none is allowed).
 
     A block of rows at a time, flattened, against the bounds tiled to the block's length: two

@@ -8,16 +8,17 @@ import math
 import threading
 import time
 import tracemalloc
-from typing import Any
+from typing import Any, Literal
 from unittest import mock
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel, Field, field_validator
 
 import safeserve as ss
-from safeserve import batch_rows
+from safeserve import batch_rows, batch_schema
 from safeserve.batch import BatchOutcome
 from safeserve.validation import BaselineChecks
 
@@ -525,6 +526,140 @@ CHECKED: dict[str, list[float | None]] = {
     "c": [-5.0, 5.0, 0.0, 1.0],
 }
 CELLS = [0.0, 0.5, 1.0, -0.1, 1.5, -2.0, 2.0, 5.0, -5.0, 6.0, math.nan, math.inf, -math.inf]
+
+
+class Plain(BaseModel):
+    """A schema made only of what column tests can judge."""
+
+    amount: float = Field(ge=0, lt=1000)
+    count: int = Field(gt=0)
+    country: Literal["DE", "FR"]
+    note: str | None = None
+    vip: bool = False
+
+
+SCHEMA_CELLS: dict[str, list[Any]] = {
+    "amount": [0.0, 5.5, 999.9, 1000.0, -1.0, math.nan, math.inf, "12", None, True, 3],
+    "count": [1, 2, 0, -4, 2.0, 2.5, math.inf, "3", None],
+    "country": ["DE", "FR", "IT", 1, None],
+    "note": ["x", None, 4, b"x"],
+    "vip": [True, False, 1, "yes", None],
+}
+
+
+class TestVectorizedSchema:
+    """A schema's simple constraints are tested on whole columns: every row the mask passes,
+    pydantic accepts as it is (the mask is sound); the suspects are validated row by row."""
+
+    @settings(max_examples=150, deadline=None)
+    @given(
+        rows=st.lists(
+            st.fixed_dictionaries(
+                {k: st.sampled_from(v) for k, v in SCHEMA_CELLS.items()},
+            ).flatmap(
+                lambda r: st.sets(st.sampled_from(sorted(r))).map(
+                    lambda drop: {k: v for k, v in r.items() if k not in drop or k == "amount"}
+                )
+            ),
+            max_size=12,
+        ),
+        form=st.sampled_from(["records", "columns"]),
+    )
+    def test_passed_rows_are_valid_as_they_are(self, rows: list[dict[str, Any]], form: str) -> None:
+        rules = batch_schema.column_rules(Plain)
+        assert rules is not None
+        if form == "columns":
+            if any(set(r) != set(rows[0]) for r in rows):
+                return  # columns need the same keys in every row
+            data: Any = {k: [r[k] for r in rows] for k in (rows[0] if rows else {})}
+        else:
+            data = rows
+        if not rows:
+            return
+        mask = batch_schema.suspect_rows(rules, batch_rows.Rows(data, None))
+        for row, suspect in zip(rows, mask.tolist(), strict=True):
+            if not suspect:
+                Plain.model_validate(row)  # raises if the mask passed an invalid row
+
+    @settings(max_examples=100, deadline=None)
+    @given(
+        cells=st.lists(
+            st.tuples(
+                st.sampled_from([0.0, 5.5, 999.9, 1000.0, -1.0, math.nan, math.inf, 3.0]),
+                st.sampled_from([1.0, 2.0, 0.0, -4.0, 2.5, math.inf, math.nan]),
+            ),
+            max_size=10,
+        ),
+        dtype=st.sampled_from([float, np.float32]),
+    )
+    def test_a_numeric_matrix_is_judged_soundly(
+        self, cells: list[tuple[float, float]], dtype: Any
+    ) -> None:
+        class Numbers(BaseModel):
+            amount: float = Field(ge=0, lt=1000)
+            count: int = Field(gt=0)
+
+        rules = batch_schema.column_rules(Numbers)
+        assert rules is not None
+        x = np.array(cells, dtype=dtype).reshape(len(cells), 2)
+        mask = batch_schema.suspect_rows(rules, batch_rows.Rows(x, ["amount", "count"]))
+        for row, suspect in zip(x.tolist(), mask.tolist(), strict=True):
+            if not suspect:
+                Numbers.model_validate({"amount": row[0], "count": row[1]})
+        clean = [0.0 <= a < 1000.0 and c in (1.0, 2.0) for a, c in x.tolist()]
+        assert mask.tolist() == [not ok for ok in clean]  # and no valid row is suspect here
+
+    def test_batch_results_match_single_calls(self) -> None:
+        """Through a batch guard: which rows are invalid, and their problems, as single calls."""
+        rows = [
+            {"amount": 1.0, "count": 2, "country": "DE"},
+            {"amount": "7", "count": 2, "country": "FR"},  # coerced by pydantic: valid
+            {"amount": -1.0, "count": 2, "country": "DE"},
+            {"amount": 1.0, "count": 2.5, "country": "DE"},
+            {"amount": 1.0, "count": 1, "country": "IT"},
+            {"amount": 1.0, "count": 1},
+        ]
+        fields: dict[str, Any] = {
+            "validation": ss.ValidationConfig(schema=Plain),
+            "fallbacks": [ss.Fallback.static("default", -1.0)],
+        }
+        batch = ss.guard(name=f"vs-{time.monotonic_ns()}", batch=True, **fields)(
+            lambda b: [float(r["amount"]) for r in b]
+        )
+        single = ss.guard(name=f"vs1-{time.monotonic_ns()}", **fields)(lambda r: float(r["amount"]))
+        out = batch.batch(rows)
+        singles = [single.call(r) for r in rows]
+        assert out.values == [s.value for s in singles] == [1.0, 7.0, -1.0, -1.0, -1.0, -1.0]
+        by_row = {d.row: [r.detail for r in d.reasons] for d in out.decisions}
+        assert by_row == {
+            i: [r.detail for r in s.decision.reasons]
+            for i, s in enumerate(singles)
+            if s.decision.degraded
+        }
+
+    def test_schemas_beyond_columns_are_validated_row_by_row(self) -> None:
+        class Checked(BaseModel):
+            amount: float
+
+            @field_validator("amount")
+            @classmethod
+            def _even(cls, v: float) -> float:
+                if v % 2:
+                    raise ValueError("odd")
+                return v
+
+        class Nested(BaseModel):
+            inner: Plain
+
+        assert batch_schema.column_rules(Checked) is None
+        assert batch_schema.column_rules(Nested) is None
+        predict = ss.guard(
+            name=f"vs2-{time.monotonic_ns()}",
+            batch=True,
+            validation=ss.ValidationConfig(schema=Checked),
+            fallbacks=[ss.Fallback.static("default", -1.0)],
+        )(lambda b: [r["amount"] for r in b])
+        assert predict.batch([{"amount": 2.0}, {"amount": 3.0}]).values == [2.0, -1.0]
 
 
 class TestVectorizedChecks:

@@ -45,12 +45,17 @@ Got = TypeVar("Got")
 # -- sync ----------------------------------------------------------------------------------
 def run_batch(guard: Guard, rows: Any, feature_names: list[str] | None) -> BatchOutcome:
     """`predict.batch(rows)` on a sync guard."""
-    if not guard._p.policy.batch:
-        return row_by_row(guard, rows, feature_names)
-    b = BatchRun(guard, rows, feature_names)
-    _drive(b.primary(b.valid_rows()), lambda call: _call_sync(b, call))
-    _drive(b.fallbacks(), _answer_sync)
-    return b.outcome()
+    p = guard._p
+    if not p.policy.batch:
+        out = row_by_row(guard, rows, feature_names)
+    else:
+        b = BatchRun(guard, rows, feature_names)
+        _drive(b.primary(b.valid_rows()), lambda call: _call_sync(b, call))
+        _drive(b.fallbacks(), _answer_sync)
+        out = b.outcome()
+    if p.tracer is not None:
+        p.tracer.batch(out)  # the batch's summary on the current span
+    return out
 
 
 def _drive(plan: Generator[Sent, Got, None], run: Callable[[Sent], Got]) -> None:
@@ -138,8 +143,17 @@ def _answer_sync(call: FallbackCall) -> Answered:
 # -- async ---------------------------------------------------------------------------------
 async def run_batch_async(guard: Guard, rows: Any, feature_names: list[str] | None) -> BatchOutcome:
     """`await predict.batch(rows)` on an async guard."""
-    if not guard._p.policy.batch:
-        return await row_by_row_async(guard, rows, feature_names)
+    p = guard._p
+    if not p.policy.batch:
+        out = await row_by_row_async(guard, rows, feature_names)
+    else:
+        out = await _batch_async(guard, rows, feature_names)
+    if p.tracer is not None:
+        p.tracer.batch(out)
+    return out
+
+
+async def _batch_async(guard: Guard, rows: Any, feature_names: list[str] | None) -> BatchOutcome:
     b = BatchRun(guard, rows, feature_names)
     plan = b.primary(b.valid_rows())
     try:

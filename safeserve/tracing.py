@@ -9,13 +9,18 @@ hold the values the decision log redacts).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safeserve.decisions import Record
 from safeserve.errors import PolicyError
 
+if TYPE_CHECKING:
+    from safeserve.batch_rows import BatchOutcome
+
 DEGRADED_EVENT = "safeserve.degraded"
+MAX_BATCH_EVENTS = 100  # a batch's span gets one event per degraded row, up to this many
 
 
 class SpanAnnotator:
@@ -60,6 +65,37 @@ class SpanAnnotator:
         )
         if confidence is not None and math.isfinite(confidence):
             span.set_attribute("safeserve.confidence", confidence)
+
+    def batch(self, outcome: BatchOutcome) -> None:
+        """A batch: its summary on the span (rows, degraded rows, rows by source) and a
+        `safeserve.degraded` event for each degraded row, up to `MAX_BATCH_EVENTS`."""
+        span = self._current_span()
+        if not span.is_recording():
+            return
+        sources = Counter("none" if s is None else s for s in outcome.served_by)
+        degraded = int(outcome.degraded.sum())
+        span.set_attributes(
+            {
+                **self._static,
+                "safeserve.batch_id": outcome.batch_id,
+                "safeserve.batch.rows": len(outcome.served_by),
+                "safeserve.batch.degraded_rows": degraded,
+                "safeserve.degraded": degraded > 0,
+                **{f"safeserve.batch.served_by.{name}": n for name, n in sources.items()},
+            }
+        )
+        shown = [d for d in outcome.decisions if d.degraded][:MAX_BATCH_EVENTS]
+        for d in shown:
+            event = {
+                "safeserve.policy": self._static["safeserve.policy"],
+                "safeserve.row": -1 if d.row is None else d.row,
+                "safeserve.served_by": "none" if d.served_by is None else d.served_by,
+                "safeserve.reasons": [r.code for r in d.reasons],
+                "safeserve.decision_id": d.id,
+            }
+            span.add_event(DEGRADED_EVENT, event)
+        if degraded > len(shown):
+            span.set_attribute("safeserve.batch.events_omitted", degraded - len(shown))
 
     def record(self, record: Record) -> None:
         """A call with a decision record: degraded, flagged, sampled or asked for."""

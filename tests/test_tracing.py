@@ -223,6 +223,37 @@ class TestGuardedCall:
         assert spans.finished() == []
 
 
+class TestBatches:
+    @pytest.mark.parametrize("batch", [True, False])
+    def test_a_batch_puts_its_summary_and_one_event_per_degraded_row(
+        self, spans: Spans, batch: bool
+    ) -> None:
+        def one(x: dict[str, Any]) -> float:
+            if x["a"] < 0:
+                raise ValueError(SECRET)
+            return float(x["a"])
+
+        def model(x: Any) -> Any:
+            return [one(r) for r in x] if batch else one(x)
+
+        fallbacks = [ss.Fallback.static("static", -1.0)]
+        guarded = ss.guard(policy(f"batch-{batch}", fallbacks=fallbacks, batch=batch))(model)
+        with spans.tracer.start_as_current_span("scoring"):
+            out = guarded.batch([{"a": 1.0}, {"a": -1.0}, {"a": 2.0}, {"a": -2.0}])
+        span = spans.only()
+        got = attrs(span)
+        assert got["safeserve.batch_id"] == out.batch_id
+        assert got["safeserve.batch.rows"] == 4
+        assert got["safeserve.batch.degraded_rows"] == 2
+        assert got["safeserve.degraded"] is True
+        assert got["safeserve.batch.served_by.primary"] == 2
+        assert got["safeserve.batch.served_by.static"] == 2
+        row_events = [e for name, e in events(span) if "safeserve.row" in e]
+        assert sorted(e["safeserve.row"] for e in row_events) == [1, 3]
+        assert all(e["safeserve.served_by"] == "static" for e in row_events)
+        assert SECRET not in everything_on([span])
+
+
 class TestRedaction:
     def test_inputs_redacted_fields_and_error_messages_never_reach_the_span(
         self, spans: Spans

@@ -10,7 +10,6 @@ Calls made outside the batch, concurrently, are untouched.
 
 from __future__ import annotations
 
-import copy
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -40,22 +39,13 @@ class RowStamp:
         return self.writer.submit(record) if self.writer is not None else True
 
 
-def _stamping(guard: Guard, stamp: RowStamp) -> Guard:
-    """The guard, sharing all its state, on a copy of its pipeline that logs through `stamp`.
-    (The pipeline is the one in force when the batch starts: a reload applies to the next.)"""
-    pipeline = copy.copy(guard._p)
-    pipeline.writer = stamp  # type: ignore[assignment]
-    twin = copy.copy(guard)
-    twin._p = pipeline
-    return twin
-
-
 def row_by_row(guard: Guard, data: Any, feature_names: list[str] | None) -> BatchOutcome:
     """`predict.batch(rows)` on a plain sync guard."""
     rows = Rows(data, feature_names)
     collect = _Collector(guard, rows.n)
     stamp = RowStamp(guard._p.writer, collect.batch_id)
-    twin = _stamping(guard, stamp)
+    # the pipeline in force now, logging through `stamp` (a reload applies to the next batch)
+    twin = guard.with_stages(writer=stamp)
     for i in range(rows.n):
         stamp.row = i
         try:
@@ -73,7 +63,8 @@ async def row_by_row_async(
     rows = Rows(data, feature_names)
     collect = _Collector(guard, rows.n)
     stamp = RowStamp(guard._p.writer, collect.batch_id)
-    twin = _stamping(guard, stamp)
+    # the pipeline in force now, logging through `stamp` (a reload applies to the next batch)
+    twin = guard.with_stages(writer=stamp)
     for i in range(rows.n):
         stamp.row = i
         try:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from safeserve.configfile import ROOT, SUFFIXES, Parsed, Path_, parse
 from safeserve.configschema import FilePolicy, PolicyFile, resolve, to_policy
 from safeserve.errors import PolicyError, friendly_message
-from safeserve.policy import Policy
+from safeserve.policy import Policy, schema_field_names
 
 logger = logging.getLogger("safeserve.config")
 
@@ -167,8 +167,7 @@ def _schema_fields(validation: Any, allowed_modules: Sequence[str] | None) -> li
         return None  # reported by validation
     if not (isinstance(schema, type) and issubclass(schema, BaseModel)):
         return None
-    fields = schema.model_fields
-    return [*fields, *(f.alias for f in fields.values() if f.alias)]
+    return schema_field_names(schema)
 
 
 def _problems(err: ValidationError, body: Any) -> Problems:

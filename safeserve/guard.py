@@ -136,15 +136,20 @@ class Guard(DegradationPath):
 
         return run_batch(self, rows, feature_names)
 
-    def bound_to(self, obj: Any) -> Guard:
-        """This guard with `obj` as the model's first argument (a method's `self`), sharing
-        every piece of state: breaker, counters, log and bulkhead. What `.batch` of a guarded
-        method runs on."""
+    def with_stages(self, **changes: Any) -> Guard:
+        """This guard, sharing every piece of state (breaker, counters, ring, bulkhead), on a
+        copy of its current pipeline with `changes` made (e.g. `writer=...`, `fn=...`)."""
         p = copy.copy(self._p)
-        p.fn = functools.partial(p.fn, obj)
+        for name, value in changes.items():
+            setattr(p, name, value)
         twin = copy.copy(self)
         twin._p = p
         return twin
+
+    def bound_to(self, obj: Any) -> Guard:
+        """This guard with `obj` as the model's first argument (a method's `self`): what
+        `.batch` of a guarded method runs on."""
+        return self.with_stages(fn=functools.partial(self._p.fn, obj))
 
     def _retry_sync(
         self,

@@ -270,6 +270,12 @@ class Fallback(_Config):
         return cls(name=name, kind="static", value=value, threshold=threshold)
 
 
+def schema_field_names(schema: type[BaseModel]) -> list[str]:
+    """The input keys a schema knows: its field names and their aliases."""
+    fields = schema.model_fields
+    return [*fields, *(f.alias for f in fields.values() if f.alias)]
+
+
 class Policy(_Config):
     """Everything a guard does for one model: the whole degradation policy."""
 
@@ -309,7 +315,7 @@ class Policy(_Config):
         schema = self.validation.schema if self.validation is not None else None
         if not isinstance(schema, type) or not issubclass(schema, BaseModel):
             return self  # (a policies file's own models check this themselves, with lines)
-        known = {f.alias or n for n, f in schema.model_fields.items()} | set(schema.model_fields)
+        known = set(schema_field_names(schema))
         for i, fallback in enumerate(self.fallbacks):
             for j, rule in enumerate(getattr(fallback, "table", ())):
                 for feature in rule.when:

@@ -25,8 +25,9 @@ from safeserve.batch_rows import BatchOutcome
 from safeserve.breaker import REJECTED
 from safeserve.decisions import RawAttempt, RawReason
 from safeserve.degrade import failed_attempt, ms
-from safeserve.errors import AttemptTimeout, Overloaded
+from safeserve.errors import Overloaded
 from safeserve.fallbacks import ModelStep
+from safeserve.timeouts import await_within
 
 if TYPE_CHECKING:
     from safeserve.guard import Guard
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 
 __all__ = ["BatchOutcome", "run_batch", "run_batch_async"]
 
-_INF = float("inf")
 _BREAKER_OPEN = RawReason("breaker_open", "admit")
 _NO_SLOT = RawReason("overloaded", "admit", "max_concurrent reached")
 
@@ -183,7 +183,7 @@ async def _call_async(b: BatchRun, call: Call) -> Tried | RawReason:
         return _NO_SLOT
     t = perf_counter()
     try:
-        value = await _within(p.fn(batch), p.attempt_limit(b.deadline))
+        value = await await_within(p.fn(batch), p.attempt_limit(b.deadline))
     except asyncio.CancelledError:
         guard.breaker.release(permit)
         raise
@@ -194,7 +194,7 @@ async def _call_async(b: BatchRun, call: Call) -> Tried | RawReason:
             async def attempt() -> Any:
                 ta = perf_counter()
                 try:
-                    answer = await _within(p.fn(batch), p.attempt_limit(b.deadline))
+                    answer = await await_within(p.fn(batch), p.attempt_limit(b.deadline))
                 except Exception as failure:
                     attempts.append(failed_attempt(failure, perf_counter() - ta))
                     raise
@@ -214,20 +214,6 @@ async def _call_async(b: BatchRun, call: Call) -> Tried | RawReason:
             p.bulkhead.release()
     latency = perf_counter() - t
     return _succeeded(b, permit, value, latency, [RawAttempt("primary", True, ms(latency))])
-
-
-async def _within(coro: Any, limit: float) -> Any:
-    """Await `coro` for at most `limit` seconds (`AttemptTimeout` after), or without limit."""
-    if limit == _INF:
-        return await coro
-    if limit <= 0:
-        coro.close()
-        raise AttemptTimeout("no time left for the call")
-    try:
-        async with asyncio.timeout(limit):
-            return await coro
-    except TimeoutError:
-        raise AttemptTimeout(f"no answer within {limit * 1000:.0f} ms") from None
 
 
 async def _answer_async(call: FallbackCall) -> Answered:

@@ -27,10 +27,11 @@ from safeserve.breaker import Breaker, BreakerEvent
 from safeserve.confidence import first_non_finite
 from safeserve.decisions import Decision, RawAttempt, RawReason, Record
 from safeserve.degrade import Degradation, DegradationPath, failed_attempt, ms
-from safeserve.errors import AttemptTimeout, Overloaded, PolicyError
+from safeserve.errors import Overloaded, PolicyError
 from safeserve.logwriter import LogWriter
 from safeserve.pipeline import Pipeline
 from safeserve.policy import Policy
+from safeserve.timeouts import await_within
 from safeserve.validation import Invalid
 
 
@@ -358,7 +359,7 @@ class AsyncGuard(Guard):
         attempts: list[RawAttempt] | None = None
         try:
             if p.has_deadline:
-                value = await _await_within(p.fn(*args, **kwargs), p.first_timeout(t0))
+                value = await await_within(p.fn(*args, **kwargs), p.first_timeout(t0))
             else:
                 value = await p.fn(*args, **kwargs)
         except asyncio.CancelledError:
@@ -427,10 +428,7 @@ class AsyncGuard(Guard):
                 t = perf_counter()
                 limit = p.attempt_limit(deadline)
                 try:
-                    if limit == float("inf"):
-                        value = await p.fn(*args, **kwargs)
-                    else:
-                        value = await _await_within(p.fn(*args, **kwargs), limit)
+                    value = await await_within(p.fn(*args, **kwargs), limit)
                 except Exception as failure:
                     attempts.append(failed_attempt(failure, perf_counter() - t))
                     raise
@@ -474,14 +472,3 @@ class _Bound:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._guard, name)
-
-
-async def _await_within(coro: Any, timeout: float) -> Any:
-    if timeout <= 0:
-        coro.close()
-        raise AttemptTimeout("no time left for the call")
-    try:
-        async with asyncio.timeout(timeout):
-            return await coro
-    except TimeoutError:
-        raise AttemptTimeout(f"no answer within {timeout * 1000:.0f} ms") from None

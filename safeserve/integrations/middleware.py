@@ -34,6 +34,10 @@ SERVED_BY = b"x-safeserve-served-by"
 DEGRADED = b"x-safeserve-degraded"
 _HEALTHY = [(SERVED_BY, b"primary"), (DEGRADED, b"false")]
 _JSON = (b"content-type", b"application/json")
+# Called through module-level names: in Python 3.11 a method called on an imported name, or on
+# an attribute holding a callable, is looked up on every call instead of specialized.
+_set_noted = _outcomes.set
+_reset_noted = _outcomes.reset
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -187,11 +191,11 @@ async def _annotated(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -
             _add_headers(message, _noted_headers(noted))
         await send(message)
 
-    token = _outcomes.set(noted)  # context.collect(), minus the generator's cost
+    token = _set_noted(noted)  # context.collect(), minus the generator's cost
     try:
         await app(scope, receive, send_noted)
     finally:
-        _outcomes.reset(token)
+        _reset_noted(token)
 
 
 class _Deadlines:
@@ -256,9 +260,11 @@ def _new_deadlines(route: _Route, loop: asyncio.AbstractEventLoop) -> _Deadlines
 # What happens to the endpoint's messages (`_Responder.state`).
 _WAITING = 0  # the response start is checked when it comes
 _STARTED = 1  # passed on: the endpoint's answer stands, the time budget no longer applies
-_DROPPED = 2  # dropped: the deadline or the endpoint's end came first; a fallback answers
-_FAILING = 3  # dropped: a 5xx start, from an endpoint still running under its time budget
-_SETTLED = (_STARTED, _DROPPED)  # the time budget no longer applies
+_DROPPED = 2  # dropped: the endpoint ended (or failed) without a response; a fallback answers
+_EXPIRED = 3  # dropped: the time budget ran out before the response started
+_CANCELLED = 4  # _EXPIRED, and the request's task was cancelled at the deadline
+_FAILING = 5  # dropped: a 5xx start, from an endpoint still running under its time budget
+_SETTLED = (_STARTED, _DROPPED, _EXPIRED, _CANCELLED)  # the time budget no longer applies
 
 
 class _Responder:
@@ -271,10 +277,8 @@ class _Responder:
     __slots__ = (
         "body_done",
         "body_size",
-        "cancelled",
         "chunks",
         "deadline",
-        "expired",
         "failed_status",
         "first",
         "noted",
@@ -302,8 +306,6 @@ class _Responder:
         self.body_size = 0
         self.body_done = False
         self.failed_status = 0
-        self.expired = False  # the time budget ran out before the response started
-        self.cancelled = False  # the request's task was cancelled at the deadline
         self.deadline = 0.0
         self.task: asyncio.Task[Any] | None = None
 
@@ -312,7 +314,7 @@ class _Responder:
         route = self.route
         guard = route.guard
         p = guard._p
-        token = _outcomes.set(self.noted)  # what context.collect() does, without its cost
+        token = _set_noted(self.noted)  # what context.collect() does, without its cost
         try:
             if guard.forced is not None:
                 await self.fall_back(guard._drill(p, (), {}, 0), None)
@@ -332,7 +334,8 @@ class _Responder:
                     self.task = asyncio.current_task(loop)
                     deadlines = route.deadlines.get(loop) or _new_deadlines(route, loop)
                     deadlines.watch(self, budget)
-                await route.app(scope, self.receive_tee, self.send_checked)
+                app = route.app
+                await app(scope, self.receive_tee, self.send_checked)
             except asyncio.CancelledError:
                 if not self.timed_out():
                     guard.breaker.release(permit)  # the client or server went away: no outcome
@@ -364,7 +367,7 @@ class _Responder:
             d = guard._primary_failed(p, failure, (), {}, 0, permit, self.t0, attempts)
             await self.fall_back(d, notices)
         finally:
-            _outcomes.reset(token)
+            _reset_noted(token)
 
     def served_with(self, notices: list[RawReason]) -> None:
         """Served by the endpoint, but a notice (e.g. store_unavailable) goes on the record."""
@@ -379,26 +382,25 @@ class _Responder:
         behind); `serve` then answers from a fallback."""
         if self.state in _SETTLED:
             return
-        self.state = _DROPPED
-        self.expired = True
+        self.state = _EXPIRED
         task = self.task
         if task is not None and not task.done() and not task.cancelling():
-            self.cancelled = True
+            self.state = _CANCELLED
             task.cancel()
 
     def timed_out(self) -> bool:
         """Whether the endpoint ended because of the deadline (consumes our cancellation)."""
-        if not self.expired:
-            return False
-        if not self.cancelled:
-            return True
-        self.cancelled = False
+        state = self.state
+        if state != _CANCELLED:
+            return state == _EXPIRED
+        self.state = _EXPIRED
         # another cancellation pending (the client went away) wins over the timeout
         return self.task is not None and self.task.uncancel() == 0
 
     async def receive_tee(self) -> Message:
         """The request, as read by the endpoint; its body is kept for a fallback."""
-        message = await self.receive()
+        receive = self.receive
+        message = await receive()
         if self.first is None:
             self.first = message
         elif not self.body_done:
@@ -422,10 +424,11 @@ class _Responder:
         """The endpoint's `send`: the response start is checked and accounted, the rest passed
         on. A plain function returning `send`'s awaitable: one coroutine less per message."""
         state = self.state
+        send = self.send
         if state:
-            return self.send(message) if state == _STARTED else _dropped()
+            return send(message) if state == _STARTED else _dropped()
         if message["type"] != "http.response.start":
-            return self.send(message)
+            return send(message)
         status = message["status"]
         if status >= 500:
             self.failed_status = status
@@ -455,7 +458,7 @@ class _Responder:
             message["headers"] = headers + _HEALTHY
         else:
             message["headers"] = [*headers, *_HEALTHY]
-        return self.send(message)
+        return send(message)
 
     async def request_input(self) -> Any:
         """The request body as parsed JSON (None when absent, too large or not JSON)."""

@@ -9,6 +9,10 @@ and the server's own CPU time per request (from /proc, so the load generator's c
 it); the table shows the median over rounds, and the ratios against bare are paired per round
 (targets: throughput >= 95 %, p99 at most +0.2 ms).
 
+First, the same apps are called in this process through ASGI with in-memory messages (no
+server, no sockets): the middleware's own time per request, free of the network's and the
+scheduler's noise that dominates single rounds on a shared machine.
+
     python bench/fastapi.py [--requests 48000] [--concurrency 32] [--rounds 16] [--quick]
 """
 
@@ -73,6 +77,55 @@ def build_app(variant: str) -> Any:
         )
         app.add_middleware(SafeServeMiddleware, routes={"/predict": policy})
     return app
+
+
+def in_process(requests: int, repeats: int = 7) -> dict[str, float]:
+    """µs per request with the app called directly (median of `repeats`, variants interleaved)."""
+    apps = {v: build_app(v) for v in VARIANTS}
+    request = {"type": "http.request", "body": BODY, "more_body": False}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/predict",
+        "raw_path": b"/predict",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(BODY))],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+        "state": {},
+    }
+    statuses: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        return request
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    async def run(app: Any, n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await app(dict(scope), receive, send)
+        return (time.perf_counter() - t0) / n * 1e6
+
+    loop = asyncio.new_event_loop()
+    try:
+        times: dict[str, list[float]] = {v: [] for v in apps}
+        for app in apps.values():  # warm-up
+            loop.run_until_complete(run(app, 2000))
+        for _ in range(repeats):
+            for v, app in apps.items():
+                times[v].append(loop.run_until_complete(run(app, requests)))
+    finally:
+        loop.close()
+    if set(statuses) != {200}:
+        raise RuntimeError(f"unexpected statuses: {sorted(set(statuses))}")
+    return {v: statistics.median(t) for v, t in times.items()}
 
 
 def serve(variant: str, port: int) -> None:
@@ -232,6 +285,13 @@ def main() -> None:
         return
     if args.quick:
         args.requests, args.rounds = 12000, 4
+    inproc = in_process(5000 if args.quick else 20000)
+    print("in process (ASGI calls, no server): µs per request, median of 7")
+    bare_us = inproc["bare"]
+    for v, us in inproc.items():
+        extra = "" if v == "bare" else f"  +{us - bare_us:.2f} µs  ({bare_us / us:.1%} of bare)"
+        print(f"  {v:16} {us:6.2f} µs{extra}")
+    print()
     try:
         import uvloop
 

@@ -220,10 +220,10 @@ class _Deadlines:
         """Expire `r` at `r.t0 + timeout_s` unless its response has started by then."""
         r.deadline = r.t0 + timeout_s
         pending = self.pending
-        while pending and pending[0].state in _SETTLED:
+        while pending and pending[0].state >= _SETTLED:
             pending.popleft()
         if len(pending) >= self.compact_at:  # a slow request at the head holds the rest
-            self.pending = pending = deque(q for q in pending if q.state not in _SETTLED)
+            self.pending = pending = deque(q for q in pending if q.state < _SETTLED)
             self.compact_at = max(64, 2 * len(pending))
         pending.append(r)
         if self.timer is None:
@@ -235,7 +235,7 @@ class _Deadlines:
         now = perf_counter() + _TIMER_SLACK_S
         while pending:
             r = pending[0]
-            if r.state not in _SETTLED:
+            if r.state < _SETTLED:
                 if r.deadline > now:
                     self.timer = self.loop.call_later(r.deadline - now, self.check)
                     return
@@ -258,13 +258,14 @@ def _new_deadlines(route: _Route, loop: asyncio.AbstractEventLoop) -> _Deadlines
 
 
 # What happens to the endpoint's messages (`_Responder.state`).
+# The time budget still applies below _SETTLED and no longer from it on.
 _WAITING = 0  # the response start is checked when it comes
-_STARTED = 1  # passed on: the endpoint's answer stands, the time budget no longer applies
-_DROPPED = 2  # dropped: the endpoint ended (or failed) without a response; a fallback answers
-_EXPIRED = 3  # dropped: the time budget ran out before the response started
-_CANCELLED = 4  # _EXPIRED, and the request's task was cancelled at the deadline
-_FAILING = 5  # dropped: a 5xx start, from an endpoint still running under its time budget
-_SETTLED = (_STARTED, _DROPPED, _EXPIRED, _CANCELLED)  # the time budget no longer applies
+_FAILING = 1  # dropped: a 5xx start, from an endpoint still running under its time budget
+_SETTLED = 2
+_STARTED = 2  # passed on: the endpoint's answer stands
+_DROPPED = 3  # dropped: the endpoint ended (or failed) without a response; a fallback answers
+_EXPIRED = 4  # dropped: the time budget ran out before the response started
+_CANCELLED = 5  # _EXPIRED, and the request's task was cancelled at the deadline
 
 
 class _Responder:
@@ -380,7 +381,7 @@ class _Responder:
         """The deadline passed before the response started: drop the endpoint's messages and
         cancel it where it waits (a sync endpoint's thread cannot be interrupted, only left
         behind); `serve` then answers from a fallback."""
-        if self.state in _SETTLED:
+        if self.state >= _SETTLED:
             return
         self.state = _EXPIRED
         task = self.task

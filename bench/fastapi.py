@@ -6,14 +6,26 @@ request in flight on each) sends the same number of requests to every variant in
 order of the variants alternates from round to round (ABC, CBA, ...) so drift and the noise of
 a shared machine hit every variant alike. Each round gives a throughput, latency percentiles
 and the server's own CPU time per request (from /proc, so the load generator's cost is not in
-it); the table shows the median over rounds, and the ratios against bare are paired per round
+it); the tables show medians over rounds, and the ratios against bare are paired per round
 (targets: throughput >= 95 %, p99 at most +0.2 ms).
+
+Two loads, one after the other:
+- closed loop (the issue's "20k requests at concurrency 32"): each connection sends its next
+  request as soon as the last is answered, which saturates the server. Throughput is measured
+  here. The latency of a saturated server is concurrency / throughput (Little's law; a request
+  waits for the 31 others, p99 about twice that), so its p99 moves with throughput alone:
+  +0.2 ms there is throughput >= ~97.5 % of bare, printed with the figures.
+- fixed rate (as wrk2 and k6's constant-arrival-rate measure latency): requests become due at
+  half of bare's throughput, whatever the server's speed, with at most 32 in flight; a request
+  due while all connections are busy waits, and its wait counts. Latency is measured here: what
+  a request waits for at a load the server can carry.
 
 First, the same apps are called in this process through ASGI with in-memory messages (no
 server, no sockets): the middleware's own time per request, free of the network's and the
 scheduler's noise that dominates single rounds on a shared machine.
 
-    python bench/fastapi.py [--requests 48000] [--concurrency 32] [--rounds 16] [--quick]
+    python bench/fastapi.py [--requests 48000] [--concurrency 32] [--rounds 16] [--load 0.5]
+                            [--quick]
 """
 
 import os
@@ -36,6 +48,8 @@ import socket  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
+from collections import deque  # noqa: E402
+from collections.abc import Awaitable, Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
 VARIANTS = {
@@ -208,14 +222,17 @@ class Connection(asyncio.Protocol):
             self.latencies.append(time.perf_counter() - self.t)
             buffer = buffer[self.need :]
             self.need = -1
-            self.left -= 1
-            if self.left == 0:
-                self.transport.close()
-                if not self.done.done():
-                    self.done.set_result(None)
-                return
-            self.send()
+            self.answered()
         self.buffer = buffer
+
+    def answered(self) -> None:
+        self.left -= 1
+        if self.left:
+            self.send()
+        else:
+            self.transport.close()
+            if not self.done.done():
+                self.done.set_result(None)
 
     def fail(self, exc: Exception) -> None:
         self.transport.close()
@@ -225,6 +242,96 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.left and not self.done.done():
             self.done.set_exception(exc or ConnectionError("closed by the server"))
+
+
+class Paced(Connection):
+    """A keep-alive connection that sends only when the pacer hands it a request."""
+
+    def __init__(self, pacer: "Pacer") -> None:
+        super().__init__(0, pacer.latencies, pacer.done)
+        self.pacer = pacer
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.pacer.idle.append(self)
+
+    def start(self, due: float) -> None:
+        self.t = due  # waiting for a free connection counts as latency
+        self.transport.write(REQUEST)
+
+    def answered(self) -> None:
+        self.pacer.finished(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.pacer.outstanding and not self.done.done():
+            self.done.set_exception(exc or ConnectionError("closed by the server"))
+
+
+class Pacer:
+    """Open-loop load: requests become due at a fixed rate whatever the server's speed.
+
+    A closed loop (each connection sends its next request as soon as the last one is answered)
+    keeps the server saturated, so its latency is concurrency / throughput and a p99 there
+    measures throughput again. At a fixed rate below saturation the p99 is what a request waits
+    for; a request due while all connections are busy waits in a queue here, and that wait counts
+    (no coordinated omission). Requests are released on the event loop's timer ticks (about a
+    millisecond), so they arrive in small bursts, as traffic does.
+    """
+
+    def __init__(self, requests: int, rate: float, done: asyncio.Future[None]) -> None:
+        self.requests = requests
+        self.rate = rate
+        self.done = done
+        self.latencies: list[float] = []
+        self.idle: list[Paced] = []
+        self.backlog: deque[float] = deque()
+        self.outstanding = requests
+
+    def finished(self, conn: Paced) -> None:
+        self.outstanding -= 1
+        if self.outstanding == 0:
+            if not self.done.done():
+                self.done.set_result(None)
+        elif self.backlog:
+            conn.start(self.backlog.popleft())
+        else:
+            self.idle.append(conn)
+
+    async def run(self) -> None:
+        t0 = time.perf_counter()
+        released = 0
+        while released < self.requests:
+            now = time.perf_counter()
+            due = min(self.requests, int((now - t0) * self.rate) + 1)
+            for _ in range(due - released):
+                if self.idle:
+                    self.idle.pop().start(now)
+                else:
+                    self.backlog.append(now)
+            released = due
+            await asyncio.sleep(0.001)
+        await self.done
+
+
+async def paced(
+    port: int, requests: int, rate: float, concurrency: int
+) -> tuple[float, list[float]]:
+    """`requests` requests at `rate` per second over at most `concurrency` connections."""
+    loop = asyncio.get_running_loop()
+    pacer = Pacer(requests, rate, loop.create_future())
+    transports = []
+    for _ in range(concurrency):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport, _ = await loop.create_connection(lambda: Paced(pacer), sock=sock)
+        transports.append(transport)
+    t0 = time.perf_counter()
+    try:
+        await pacer.run()
+    finally:
+        for transport in transports:
+            transport.close()
+    return time.perf_counter() - t0, pacer.latencies
 
 
 async def load(port: int, requests: int, concurrency: int) -> tuple[float, list[float]]:
@@ -250,15 +357,17 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=1000)[int(q * 1000) - 1]
 
 
-def measure(
-    loop: asyncio.AbstractEventLoop, proc: subprocess.Popen[bytes], port: int, n: int, conc: int
-) -> dict[str, float]:
+Round = dict[str, float]
+Servers = dict[str, tuple[subprocess.Popen[bytes], int]]
+
+
+def measure(proc: subprocess.Popen[bytes], run: Awaitable[tuple[float, list[float]]]) -> Round:
     """One round against one server: req/s, p50/p99 in ms, server CPU µs per request."""
     gc.collect()
     gc.disable()  # the load generator's own pauses would land on whichever variant runs
     try:
         cpu0, own0 = cpu_seconds(proc.pid), time.process_time()
-        seconds, lat = loop.run_until_complete(load(port, n, conc))
+        seconds, lat = asyncio.get_event_loop().run_until_complete(run)
         cpu, own = cpu_seconds(proc.pid) - cpu0, time.process_time() - own0
     finally:
         gc.enable()
@@ -271,11 +380,60 @@ def measure(
     }
 
 
+def rounds_of(
+    servers: Servers, rounds: int, run: Callable[[int], Awaitable[tuple[float, list[float]]]]
+) -> dict[str, list[Round]]:
+    """`rounds` rounds of `run(port)` on every server, the order alternating (ABC, CBA, ...)."""
+    order = list(servers)
+    for v in order:  # warm-up: connections, imports, caches, the breaker's window
+        measure(servers[v][0], run(servers[v][1]))
+    out: dict[str, list[Round]] = {v: [] for v in order}
+    for i in range(rounds):
+        for v in order if i % 2 == 0 else order[::-1]:
+            out[v].append(measure(servers[v][0], run(servers[v][1])))
+    return out
+
+
+def median(rounds: list[Round], key: str) -> float:
+    return statistics.median(r[key] for r in rounds)
+
+
+def report(results: dict[str, list[Round]], throughput: bool) -> None:
+    """One line per variant (medians over rounds), then its ratios to bare, paired by round."""
+    bare = results["bare"]
+    for v, what in VARIANTS.items():
+        r = results[v]
+        line = f"{v:16} {median(r, 'rps'):7.0f} req/s" if throughput else f"{v:16}"
+        line += (
+            f"  p50 {median(r, 'p50'):6.3f} ms  p99 {median(r, 'p99'):6.3f} ms"
+            f"  server {median(r, 'cpu_us'):5.1f} µs/req"
+        )
+        if v != "bare":
+            pairs = list(zip(r, bare, strict=True))
+            ratios = [g["rps"] / b["rps"] for g, b in pairs]
+            deltas = [g["p99"] - b["p99"] for g, b in pairs]
+            cpu = statistics.median(g["cpu_us"] - b["cpu_us"] for g, b in pairs)
+            line += f"\n{'':16} "
+            if throughput:
+                line += (
+                    f"throughput {statistics.median(ratios):6.1%} of bare "
+                    f"(rounds {min(ratios):.1%}..{max(ratios):.1%})  "
+                )
+            line += (
+                f"p99 {statistics.median(deltas):+.3f} ms "
+                f"(rounds {min(deltas):+.3f}..{max(deltas):+.3f})  server {cpu:+.1f} µs/req"
+            )
+        print(f"{line}   ({what})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=48000, help="per variant, all rounds")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument(
+        "--load", type=float, default=0.5, help="fixed rate, as a fraction of bare's throughput"
+    )
     parser.add_argument("--quick", action="store_true", help="12k requests in 4 rounds")
     parser.add_argument("--serve", choices=list(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -295,52 +453,40 @@ def main() -> None:
     try:
         import uvloop
 
-        loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(uvloop.new_event_loop())
     except ImportError:
-        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(asyncio.new_event_loop())
     servers = {v: start_server(v) for v in VARIANTS}
-    rounds: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
-    per_round = args.requests // args.rounds
-    order = list(VARIANTS)
+    n, conc = args.requests // args.rounds, args.concurrency
     try:
-        for v in order:  # warm-up: connections, imports, caches, the breaker's window
-            measure(loop, *servers[v], 3000, args.concurrency)
-        for i in range(args.rounds):
-            for v in order if i % 2 == 0 else order[::-1]:
-                rounds[v].append(measure(loop, *servers[v], per_round, args.concurrency))
+        closed = rounds_of(servers, args.rounds, lambda port: load(port, n, conc))
+        rate = args.load * median(closed["bare"], "rps")
+        fixed = rounds_of(servers, args.rounds, lambda port: paced(port, n, rate, conc))
     finally:
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait(timeout=10)
-        loop.close()
-    client = statistics.median(x["client_us"] for r in rounds.values() for x in r)
+        asyncio.get_event_loop().close()
+    client = statistics.median(x["client_us"] for r in closed.values() for x in r)
     print(
-        f"{per_round * args.rounds} requests per variant at concurrency {args.concurrency}, "
-        f"{args.rounds} rounds in alternating order, {os.cpu_count()} CPUs; medians over rounds; "
-        f"the load generator used {client:.1f} µs of CPU per request"
+        f"Closed loop: {n * args.rounds} requests per variant on {conc} connections, each "
+        f"sending its next request when answered; {args.rounds} rounds in alternating order, "
+        f"{os.cpu_count()} CPUs; medians over rounds; the load generator used {client:.1f} µs "
+        "of CPU per request"
     )
-    bare = rounds["bare"]
-    for v, what in VARIANTS.items():
-        r = rounds[v]
-
-        def med(key: str, r: list[dict[str, float]] = r) -> float:
-            return statistics.median(x[key] for x in r)
-
-        line = (
-            f"{v:16} {med('rps'):7.0f} req/s  p50 {med('p50'):6.3f} ms  p99 {med('p99'):6.3f} ms"
-            f"  server {med('cpu_us'):5.1f} µs/req"
-        )
-        if v != "bare":
-            ratios = [g["rps"] / b["rps"] for g, b in zip(r, bare, strict=True)]
-            deltas = [g["p99"] - b["p99"] for g, b in zip(r, bare, strict=True)]
-            cpu = statistics.median(g["cpu_us"] - b["cpu_us"] for g, b in zip(r, bare, strict=True))
-            line += (
-                f"\n{'':16} throughput {statistics.median(ratios):6.1%} of bare "
-                f"(rounds {min(ratios):.1%}..{max(ratios):.1%})  "
-                f"p99 {statistics.median(deltas):+.3f} ms "
-                f"(rounds {min(deltas):+.3f}..{max(deltas):+.3f})  server {cpu:+.1f} µs/req"
-            )
-        print(f"{line}   ({what})")
+    report(closed, throughput=True)
+    bare_p99 = median(closed["bare"], "p99")
+    print(
+        f"  The server is saturated: a request waits for the {conc - 1} others, so latency is "
+        f"concurrency / throughput and p99 +0.2 ms here is throughput >= "
+        f"{bare_p99 / (bare_p99 + 0.2):.1%} of bare.\n"
+    )
+    print(
+        f"Fixed rate: {rate:.0f} req/s ({args.load:.0%} of bare's throughput) for every variant, "
+        f"at most {conc} requests in flight, {n * args.rounds} requests per variant; a request "
+        "that waits for a free connection counts its wait"
+    )
+    report(fixed, throughput=False)
 
 
 if __name__ == "__main__":

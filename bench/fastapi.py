@@ -29,6 +29,7 @@ scheduler's noise that dominates single rounds on a shared machine.
 """
 
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -93,8 +94,10 @@ def build_app(variant: str) -> Any:
     return app
 
 
-def in_process(requests: int, repeats: int = 7) -> dict[str, float]:
-    """µs per request with the app called directly (median of `repeats`, variants interleaved)."""
+def in_process(repeats: int, requests: int = 2000) -> dict[str, float]:
+    """µs per request with the app called directly: `repeats` runs of `requests` per variant,
+    in a new random order each time; the lower quartile of the runs, which load elsewhere on
+    the machine can only raise."""
     apps = {v: build_app(v) for v in VARIANTS}
     request = {"type": "http.request", "body": BODY, "more_body": False}
     scope = {
@@ -127,19 +130,31 @@ def in_process(requests: int, repeats: int = 7) -> dict[str, float]:
             await app(dict(scope), receive, send)
         return (time.perf_counter() - t0) / n * 1e6
 
-    loop = asyncio.new_event_loop()
+    loop = new_loop()
+    order = list(apps)
+    shuffle = random.Random(0).shuffle
     try:
         times: dict[str, list[float]] = {v: [] for v in apps}
         for app in apps.values():  # warm-up
             loop.run_until_complete(run(app, 2000))
         for _ in range(repeats):
-            for v, app in apps.items():
-                times[v].append(loop.run_until_complete(run(app, requests)))
+            shuffle(order)
+            for v in order:
+                times[v].append(loop.run_until_complete(run(apps[v], requests)))
     finally:
         loop.close()
     if set(statuses) != {200}:
         raise RuntimeError(f"unexpected statuses: {sorted(set(statuses))}")
-    return {v: statistics.median(t) for v, t in times.items()}
+    return {v: statistics.quantiles(t, n=4)[0] for v, t in times.items()}
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop when installed, as uvicorn uses it; else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
 def serve(variant: str, port: int) -> None:
@@ -443,19 +458,15 @@ def main() -> None:
         return
     if args.quick:
         args.requests, args.rounds = 12000, 4
-    inproc = in_process(5000 if args.quick else 20000)
-    print("in process (ASGI calls, no server): µs per request, median of 7")
+    repeats = 10 if args.quick else 40
+    inproc = in_process(repeats)
+    print(f"in process (ASGI calls, no server): µs per request, lower quartile of {repeats} runs")
     bare_us = inproc["bare"]
     for v, us in inproc.items():
         extra = "" if v == "bare" else f"  +{us - bare_us:.2f} µs  ({bare_us / us:.1%} of bare)"
         print(f"  {v:16} {us:6.2f} µs{extra}")
     print()
-    try:
-        import uvloop
-
-        asyncio.set_event_loop(uvloop.new_event_loop())
-    except ImportError:
-        asyncio.set_event_loop(asyncio.new_event_loop())
+    asyncio.set_event_loop(new_loop())
     servers = {v: start_server(v) for v in VARIANTS}
     n, conc = args.requests // args.rounds, args.concurrency
     try:

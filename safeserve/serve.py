@@ -328,10 +328,7 @@ def serve(
         return 2
     try:  # fail here, with the file's problems, not in a worker
         app = build_app(path, admin_token, allowed_modules, max_body_bytes)
-    except FileNotFoundError:
-        print(f"{prefix}: no such file: {policies_path}", file=err)
-        return 2
-    except OSError as exc:
+    except OSError as exc:  # worded as `safeserve check` words it
         print(f"{prefix}: cannot read {policies_path}: {exc.strerror or exc}", file=err)
         return 2
     except NothingToServe as exc:

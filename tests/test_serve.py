@@ -372,7 +372,10 @@ class TestServeCommand:
 
     def test_a_missing_file(self, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
         path = tmp_path / "nope.yaml"
-        assert self.run(capsys, str(path)) == (2, f"safeserve serve: no such file: {path}\n")
+        assert self.run(capsys, str(path)) == (
+            2,
+            f"safeserve serve: cannot read {path}: No such file or directory\n",
+        )
 
     def test_not_a_policy_file(self, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
         path = tmp_path / "policies.txt"

@@ -15,17 +15,19 @@ Two loads, one after the other:
   here. The latency of a saturated server is concurrency / throughput (Little's law; a request
   waits for the 31 others, p99 about twice that), so its p99 moves with throughput alone:
   +0.2 ms there is throughput >= ~97.5 % of bare, printed with the figures.
-- fixed rate (as wrk2 and k6's constant-arrival-rate measure latency): requests become due at
-  half of bare's throughput, whatever the server's speed, with at most 32 in flight; a request
-  due while all connections are busy waits, and its wait counts. Latency is measured here: what
-  a request waits for at a load the server can carry.
+- fixed rate (as wrk2 and k6's constant-arrival-rate measure latency), at a quarter and at half
+  of bare's closed-loop throughput: requests become due at that rate whatever the server's
+  speed, with at most 32 in flight; a request due while all connections are busy waits, and its
+  wait counts. Latency is measured here: what a request waits for at a load the server can
+  carry. A server that is not saturated spends more CPU per request (no batching, cold caches),
+  so the bench prints how busy bare's server was at each rate.
 
 First, the same apps are called in this process through ASGI with in-memory messages (no
 server, no sockets): the middleware's own time per request, free of the network's and the
 scheduler's noise that dominates single rounds on a shared machine.
 
-    python bench/fastapi.py [--requests 48000] [--concurrency 32] [--rounds 16] [--load 0.5]
-                            [--quick]
+    python bench/fastapi.py [--requests 48000] [--concurrency 32] [--rounds 16]
+                            [--load 0.25 0.5] [--quick]
 """
 
 import os
@@ -447,7 +449,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument(
-        "--load", type=float, default=0.5, help="fixed rate, as a fraction of bare's throughput"
+        "--load",
+        type=float,
+        nargs="+",
+        default=[0.25, 0.5],
+        help="fixed rates, as fractions of bare's closed-loop throughput",
     )
     parser.add_argument("--quick", action="store_true", help="12k requests in 4 rounds")
     parser.add_argument("--serve", choices=list(VARIANTS), help=argparse.SUPPRESS)
@@ -471,8 +477,13 @@ def main() -> None:
     n, conc = args.requests // args.rounds, args.concurrency
     try:
         closed = rounds_of(servers, args.rounds, lambda port: load(port, n, conc))
-        rate = args.load * median(closed["bare"], "rps")
-        fixed = rounds_of(servers, args.rounds, lambda port: paced(port, n, rate, conc))
+        fixed = {}
+        for share in args.load:
+            rate = share * median(closed["bare"], "rps")
+            fixed[share] = (
+                rate,
+                rounds_of(servers, args.rounds, lambda port, rate=rate: paced(port, n, rate, conc)),
+            )
     finally:
         for proc, _ in servers.values():
             proc.terminate()
@@ -492,12 +503,16 @@ def main() -> None:
         f"concurrency / throughput and p99 +0.2 ms here is throughput >= "
         f"{bare_p99 / (bare_p99 + 0.2):.1%} of bare.\n"
     )
-    print(
-        f"Fixed rate: {rate:.0f} req/s ({args.load:.0%} of bare's throughput) for every variant, "
-        f"at most {conc} requests in flight, {n * args.rounds} requests per variant; a request "
-        "that waits for a free connection counts its wait"
-    )
-    report(fixed, throughput=False)
+    for share, (rate, results) in fixed.items():
+        busy = rate * median(results["bare"], "cpu_us") / 1e6
+        print(
+            f"Fixed rate: {rate:.0f} req/s ({share:.0%} of bare's throughput; bare's server "
+            f"{busy:.0%} busy) for every variant, at most {conc} requests in flight, "
+            f"{n * args.rounds} requests per variant; a request that waits for a free connection "
+            "counts its wait"
+        )
+        report(results, throughput=False)
+        print()
 
 
 if __name__ == "__main__":

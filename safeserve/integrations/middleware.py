@@ -451,14 +451,10 @@ class _Responder:
         histogram.total_s += latency
         if guard._p.tracer is not None:  # OpenTelemetry (`log.trace`): annotate the request span
             guard._trace_healthy(guard._p.tracer, self.permit, self.t0)
+        extra = _noted_headers(self.noted) if self.noted else _HEALTHY
         headers = message.get("headers", ())
         # a new list: a Response object reuses its own header list for every send
-        if self.noted:
-            message["headers"] = [*headers, *_noted_headers(self.noted)]
-        elif type(headers) is list:
-            message["headers"] = headers + _HEALTHY
-        else:
-            message["headers"] = [*headers, *_HEALTHY]
+        message["headers"] = headers + extra if type(headers) is list else [*headers, *extra]
         return send(message)
 
     async def request_input(self) -> Any:

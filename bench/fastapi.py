@@ -59,6 +59,7 @@ VARIANTS = {
     "bare": "no middleware",
     "guarded": "SafeServeMiddleware: breaker + static fallback",
     "guarded+timeout": "same, plus timeout_s=1.0",
+    "guarded+helper": "guarded, in a process with a guarded function its endpoints may call",
 }
 BODY = json.dumps({"amount": 12.5, "merchant": "shop-17", "country": "DE"}).encode()
 REQUEST = (
@@ -93,6 +94,8 @@ def build_app(variant: str) -> Any:
             fallbacks=[ss.Fallback.static("default", {"label": "review"})],
         )
         app.add_middleware(SafeServeMiddleware, routes={"/predict": policy})
+    if variant == "guarded+helper":  # the middleware now watches endpoints for guarded calls
+        app.state.helper = ss.guard(name="helper")(lambda x: x)
     return app
 
 
@@ -100,6 +103,8 @@ def in_process(repeats: int, requests: int = 2000) -> dict[str, float]:
     """µs per request with the app called directly: `repeats` runs of `requests` per variant,
     in a new random order each time; the lower quartile of the runs, which load elsewhere on
     the machine can only raise."""
+    from safeserve import context
+
     apps = {v: build_app(v) for v in VARIANTS}
     request = {"type": "http.request", "body": BODY, "more_body": False}
     scope = {
@@ -137,11 +142,13 @@ def in_process(repeats: int, requests: int = 2000) -> dict[str, float]:
     shuffle = random.Random(0).shuffle
     try:
         times: dict[str, list[float]] = {v: [] for v in apps}
-        for app in apps.values():  # warm-up
+        for v, app in apps.items():  # warm-up
+            context.armed = v == "guarded+helper"  # as in the variant's own process
             loop.run_until_complete(run(app, 2000))
         for _ in range(repeats):
             shuffle(order)
             for v in order:
+                context.armed = v == "guarded+helper"
                 times[v].append(loop.run_until_complete(run(apps[v], requests)))
     finally:
         loop.close()

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from time import perf_counter
 from typing import Any
 
-from safeserve import registry
+from safeserve import context, registry
 from safeserve.breaker import Breaker, BreakerEvent
 from safeserve.confidence import first_non_finite
 from safeserve.decisions import Decision, RawAttempt, RawReason, Record
@@ -37,6 +37,10 @@ from safeserve.validation import Invalid
 
 class Guard(DegradationPath):
     """A guarded sync function: call it for the answer, `.call()` for the `Outcome`."""
+
+    # Whether code other than safeserve's may call it (inside an endpoint, say): such a guard
+    # arms the middleware's collection of outcomes (`context.armed`).
+    public = True
 
     def __init__(self, fn: Callable[..., Any], policy: Policy) -> None:
         functools.update_wrapper(self, fn)
@@ -58,6 +62,8 @@ class Guard(DegradationPath):
         self._counts["healthy_in_batches"] = 0  # healthy batch rows, counted in one step
         self.ok_latency_s = 0.0  # running mean of healthy primary latency, for retry planning
         registry.register(self)
+        if self.public:
+            context.armed = True
 
     # -- the sync driver ---------------------------------------------------------------------
     def __call__(

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from uvicorn_server import UvicornServer, uvicorn_server  # noqa: F401 (fixture)
 
 import safeserve as ss
+from safeserve import context
 from safeserve.fastapi import SafeServeMiddleware, admin_router
 
 TOKEN = "s3cret-admin-token"
@@ -207,6 +208,53 @@ class TestDecoratedFunctionHeaders:
         helper = ss.guard(name="inner", fallbacks=[ss.Fallback.static("inner-v2", 1)])(flaky)
         app = build_app(Model(), {"/unlisted": policy("outer")}, helper=helper)
         assert headers_of(post(app, "/unlisted")) == ("inner-v2", "true")
+
+
+class TestBeforeAnyGuardExists:
+    """Until a guard an endpoint could call exists, endpoints are not watched for such calls."""
+
+    @pytest.fixture(autouse=True)
+    def unarmed(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(context, "armed", False)
+
+    def test_routes_given_policies_still_say_how_they_were_served(self) -> None:
+        """Healthy, fallback and 503 answers carry the right headers; no guard arms the app."""
+        model = Model()
+        routes = {"/predict": policy("unarmed"), "/unlisted": policy("bare", fallbacks=[])}
+        app = build_app(model, routes)
+        healthy, fell_back = post(app), post(app, body={"amount": 5000.0, "mode": "http500"})
+        unavailable = post(app, "/unlisted")  # its helper is None: the endpoint fails
+        assert not context.armed
+        assert headers_of(healthy) == ("primary", "false")
+        assert (fell_back.json(), headers_of(fell_back)) == ({"label": "review"}, ("rules", "true"))
+        assert (unavailable.status_code, headers_of(unavailable)) == (503, ("none", "true"))
+
+    def test_unlisted_routes_get_the_servers_receive_and_send_until_a_guard_exists(self) -> None:
+        """An unlisted route costs a dict lookup; once a guard exists it is watched again."""
+        seen: list[tuple[Any, Any]] = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            seen.append((receive, send))
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        middleware = SafeServeMiddleware(app, routes={"/predict": policy("lookup-only")})
+        scope = {"type": "http", "path": "/other", "method": "GET", "headers": []}
+        asyncio.run(middleware(scope, receive, send))
+        assert seen.pop() == (receive, send)
+        ss.guard(name="arms")(lambda x: x)
+        assert context.armed
+        asyncio.run(middleware(scope, receive, send))
+        assert seen.pop()[1] is not send
+        assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"] * 2
 
 
 class TestStreaming:

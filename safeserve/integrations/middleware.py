@@ -22,6 +22,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from safeserve import context
 from safeserve.context import Noted
 from safeserve.context import current as _outcomes
 from safeserve.decisions import RawReason, json_safe
@@ -95,7 +96,13 @@ def _guard_for(target: Policy | Guard, path: str) -> Guard:
         raise NotImplementedError(f"the endpoint {path} is served by SafeServeMiddleware")
 
     endpoint.__qualname__ = endpoint.__name__ = f"endpoint {path}"
-    return AsyncGuard(endpoint, target)
+    return _RouteGuard(endpoint, target)
+
+
+class _RouteGuard(AsyncGuard):
+    """The guard of a route given as a policy: only the middleware calls it."""
+
+    public = False
 
 
 def _template_regex(template: str) -> str:
@@ -136,7 +143,9 @@ class SafeServeMiddleware:
     """Guards the listed routes (exact paths or templates) with a policy or an existing guard.
 
     Routes not listed, and non-HTTP scopes, go straight to the app; an unlisted endpoint that
-    calls a guarded function which degraded still gets the X-SafeServe headers.
+    calls a guarded function which degraded still gets the X-SafeServe headers. Until the
+    process has a guard an endpoint could call (`context.armed`), endpoints are not watched
+    for such calls: a guarded route skips that, and unlisted ones cost a dict lookup only.
     """
 
     def __init__(
@@ -174,7 +183,7 @@ class SafeServeMiddleware:
                     route = self.templated[int(match.lastgroup[1:])]
             if route is not None:
                 return _Responder(route, receive, send).serve(scope)
-            if self.annotate_unlisted:
+            if self.annotate_unlisted and context.armed:
                 return _annotated(self.app, scope, receive, send)
         return self.app(scope, receive, send)
 
@@ -315,7 +324,8 @@ class _Responder:
         route = self.route
         guard = route.guard
         p = guard._p
-        token = _set_noted(self.noted)  # what context.collect() does, without its cost
+        # what context.collect() does, without its cost; `fall_back` collects for itself
+        token = _set_noted(self.noted) if context.armed else None
         try:
             if guard.forced is not None:
                 await self.fall_back(guard._drill(p, (), {}, 0), None)
@@ -368,7 +378,8 @@ class _Responder:
             d = guard._primary_failed(p, failure, (), {}, 0, permit, self.t0, attempts)
             await self.fall_back(d, notices)
         finally:
-            _reset_noted(token)
+            if token is not None:
+                _reset_noted(token)
 
     def served_with(self, notices: list[RawReason]) -> None:
         """Served by the endpoint, but a notice (e.g. store_unavailable) goes on the record."""
@@ -481,6 +492,7 @@ class _Responder:
         """Walk the guard's fallbacks with the parsed body; answer 200 JSON, else 503."""
         guard = self.route.guard
         d.args = (await self.request_input(),)
+        token = _set_noted(self.noted)  # the guard notes how it answered
         try:
             value = await guard._fallback_async(d, self.t0, False, notices)
         except NoFallbackAvailable:
@@ -489,6 +501,8 @@ class _Responder:
             extra = [(b"retry-after", str(retry_after).encode())]
             await self.respond(503, body, _noted_headers(self.noted[-1:]) + extra)
             return
+        finally:
+            _reset_noted(token)
         await self.respond(200, json_safe(value), _noted_headers(self.noted[-1:]))
 
     async def respond(self, status: int, body: Any, headers: list[tuple[bytes, bytes]]) -> None:

@@ -9,6 +9,12 @@ and the server's own CPU time per request (from /proc, so the load generator's c
 it); the tables show medians over rounds, and the ratios against bare are paired per round
 (targets: throughput >= 95 %, p99 at most +0.2 ms).
 
+The variants: bare; "headers only", a middleware that wraps `send` to add the two X-SafeServe
+headers and does nothing else (the floor for any middleware with the issue's headers); the
+route guarded by a policy (breaker, static fallback); the same with a time budget; and the
+guarded route in a process that also has a guarded function, so that endpoints are watched for
+its degradations (until a process has one, the middleware skips that).
+
 Two loads, one after the other:
 - closed loop (the issue's "20k requests at concurrency 32"): each connection sends its next
   request as soon as the last is answered, which saturates the server. Throughput is measured
@@ -57,6 +63,7 @@ from typing import Any  # noqa: E402
 
 VARIANTS = {
     "bare": "no middleware",
+    "headers only": "the floor: a middleware that adds the two headers and does nothing else",
     "guarded": "SafeServeMiddleware: breaker + static fallback",
     "guarded+timeout": "same, plus timeout_s=1.0",
     "guarded+helper": "guarded, in a process with a guarded function its endpoints may call",
@@ -87,7 +94,9 @@ def build_app(variant: str) -> Any:
     async def predict(txn: Txn) -> dict[str, Any]:
         return {"label": "approve" if txn.amount < 1000 else "review", "confidence": 0.93}
 
-    if variant != "bare":
+    if variant == "headers only":
+        app.add_middleware(HeadersOnly)
+    elif variant != "bare":
         policy = ss.Policy(
             name="bench",
             timeout_s=1.0 if variant == "guarded+timeout" else None,
@@ -97,6 +106,27 @@ def build_app(variant: str) -> Any:
     if variant == "guarded+helper":  # the middleware now watches endpoints for guarded calls
         app.state.helper = ss.guard(name="helper")(lambda x: x)
     return app
+
+
+class HeadersOnly:
+    """The least a middleware with the issue's headers does: wrap `send`, add two headers."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), *HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+HEADERS = [(b"x-safeserve-served-by", b"primary"), (b"x-safeserve-degraded", b"false")]
 
 
 def in_process(repeats: int, requests: int = 2000) -> dict[str, float]:

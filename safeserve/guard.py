@@ -40,7 +40,7 @@ class Guard(DegradationPath):
 
     # Whether code other than safeserve's may call it (inside an endpoint, say): such a guard
     # arms the middleware's collection of outcomes (`context.armed`).
-    public = True
+    endpoint_callable = True
 
     def __init__(self, fn: Callable[..., Any], policy: Policy) -> None:
         functools.update_wrapper(self, fn)
@@ -62,7 +62,7 @@ class Guard(DegradationPath):
         self._counts["healthy_in_batches"] = 0  # healthy batch rows, counted in one step
         self.ok_latency_s = 0.0  # running mean of healthy primary latency, for retry planning
         registry.register(self)
-        if self.public:
+        if self.endpoint_callable:
             context.armed = True
 
     # -- the sync driver ---------------------------------------------------------------------

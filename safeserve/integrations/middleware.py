@@ -102,7 +102,7 @@ def _guard_for(target: Policy | Guard, path: str) -> Guard:
 class _RouteGuard(AsyncGuard):
     """The guard of a route given as a policy: only the middleware calls it."""
 
-    public = False
+    endpoint_callable = False
 
 
 def _template_regex(template: str) -> str:

@@ -10,7 +10,9 @@ it); the tables show medians over rounds, and the ratios against bare are paired
 (targets: throughput >= 95 %, p99 at most +0.2 ms).
 
 The variants: bare; "headers only", a middleware that wraps `send` to add the two X-SafeServe
-headers and does nothing else (the floor for any middleware with the issue's headers); the
+headers and does nothing else (the floor for any middleware with the issue's headers);
+"minimal", which also keeps the body for a fallback, holds back a 5xx start and catches the
+endpoint's failures (the floor for the issue's features, without breaker or metrics); the
 route guarded by a policy (breaker, static fallback); the same with a time budget; and the
 guarded route in a process that also has a guarded function, so that endpoints are watched for
 its degradations (until a process has one, the middleware skips that).
@@ -64,6 +66,7 @@ from typing import Any  # noqa: E402
 VARIANTS = {
     "bare": "no middleware",
     "headers only": "the floor: a middleware that adds the two headers and does nothing else",
+    "minimal": "the floor of the features: body kept, 5xx held back, failures caught, headers",
     "guarded": "SafeServeMiddleware: breaker + static fallback",
     "guarded+timeout": "same, plus timeout_s=1.0",
     "guarded+helper": "guarded, in a process with a guarded function its endpoints may call",
@@ -96,6 +99,8 @@ def build_app(variant: str) -> Any:
 
     if variant == "headers only":
         app.add_middleware(HeadersOnly)
+    elif variant == "minimal":
+        app.add_middleware(Minimal)
     elif variant != "bare":
         policy = ss.Policy(
             name="bench",
@@ -126,7 +131,53 @@ class HeadersOnly:
         await self.app(scope, receive, send_with_headers)
 
 
+class Minimal:
+    """The least a middleware does on a healthy request for the issue's features, written
+    without safeserve: keep the body for a fallback, hold back a 5xx start, catch the endpoint's
+    failures and answer from a fallback, add the two headers. No breaker, bulkhead, time
+    budget, metrics, records or outcomes of guarded calls."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.paths = {"/predict"}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            return await self.app(scope, receive, send)
+        kept: list[dict[str, Any]] = []  # what a fallback would parse
+        started = failed = False
+
+        async def receive_kept() -> dict[str, Any]:
+            message = await receive()
+            kept.append(message)
+            return message
+
+        async def send_checked(message: dict[str, Any]) -> None:
+            nonlocal started, failed
+            if not (started or failed) and message["type"] == "http.response.start":
+                if message["status"] >= 500:
+                    failed = True
+                    return
+                started = True
+                message["headers"] = [*message.get("headers", ()), *HEADERS]
+            if started:
+                await send(message)
+
+        try:
+            await self.app(scope, receive_kept, send_checked)
+        except Exception:
+            if started:
+                raise
+        if not started:  # a 5xx, an exception, or no answer: the fallback's
+            body = json.dumps({"label": "review"}).encode()
+            length = (b"content-length", b"%d" % len(body))
+            headers = [(b"content-type", b"application/json"), length, *DEGRADED]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+
 HEADERS = [(b"x-safeserve-served-by", b"primary"), (b"x-safeserve-degraded", b"false")]
+DEGRADED = [(b"x-safeserve-served-by", b"default"), (b"x-safeserve-degraded", b"true")]
 
 
 def in_process(repeats: int, requests: int = 2000) -> dict[str, float]:

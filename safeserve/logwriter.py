@@ -16,12 +16,12 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
-
-import structlog
-from structlog.typing import Processor
+from typing import TYPE_CHECKING, Any, Protocol
 
 from safeserve.decisions import SCHEMA_VERSION, new_id, now_utc
+
+if TYPE_CHECKING:
+    from structlog.typing import Processor
 
 
 class Record(Protocol):
@@ -68,10 +68,14 @@ class LogWriter:
         self._fd: int | None = None
         # structlog's processor chain, run directly on each record: a bound logger's own
         # bookkeeping (context copies, method lookup) cost four times the rendering itself.
-        # A callable sink gets the event dict; a file or stdout gets JSON lines.
-        self._processors: list[Processor] = (
-            [] if callable(sink) else [structlog.processors.JSONRenderer(serializer=_serializer())]
-        )
+        # A callable sink gets the event dict; a file or stdout gets JSON lines. Imported here:
+        # structlog takes 0.1 s to import (rich with it, when installed), and a process that
+        # writes no log should not wait for it.
+        self._processors: list[Processor] = []
+        if not callable(sink):
+            from structlog.processors import JSONRenderer
+
+            self._processors.append(JSONRenderer(serializer=_serializer()))
         self._pending: list[Any] = []
         if not callable(sink) and sink != "stdout":
             self._fd = self._open()  # a sink that cannot be opened fails now, not per record

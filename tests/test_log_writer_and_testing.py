@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -122,3 +124,26 @@ def detach(guard: ss.Guarded) -> None:
     """Take a guard off its failing sink, so later tests' records (breaker resets under
     `ss.testing()`) do not fail there and turn their `flush_logs()` False."""
     guard.reload(guard.policy.model_copy(update={"log": None}))
+
+
+def test_structlog_is_imported_only_by_a_process_that_writes_a_log(tmp_path: Path) -> None:
+    """Guards without a log leave structlog (and rich, which it imports) out of the process;
+    the first file log brings it in, and its records are written."""
+    log = tmp_path / "decisions.jsonl"
+    code = (
+        "import sys, safeserve as ss\n"
+        "fb = [ss.Fallback.static('s', 0)]\n"
+        "def crash(x): raise RuntimeError('boom')\n"
+        "quiet = ss.guard(ss.Policy(name='quiet', fallbacks=fb))(crash)\n"
+        "quiet(1)\n"
+        "print('structlog' in sys.modules)\n"
+        f"log = ss.DecisionLogConfig(sink={str(log)!r}, sample_rate=1.0)\n"
+        "logged = ss.guard(ss.Policy(name='logged', fallbacks=fb, log=log))(crash)\n"
+        "logged(1); ss.flush_logs()\n"
+        "print('structlog' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.split() == ["False", "True"]
+    assert '"policy":"logged"' in log.read_text().replace(" ", "")

@@ -145,7 +145,8 @@ class SafeServeMiddleware:
     Routes not listed, and non-HTTP scopes, go straight to the app; an unlisted endpoint that
     calls a guarded function which degraded still gets the X-SafeServe headers. Until the
     process has a guard an endpoint could call (`context.armed`), endpoints are not watched
-    for such calls: a guarded route skips that, and unlisted ones cost a dict lookup only.
+    for such calls: a guarded route skips that, and unlisted ones cost a dict lookup only. A
+    guard made while a request is in flight reports from the next request on.
     """
 
     def __init__(

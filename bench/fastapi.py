@@ -218,19 +218,21 @@ def in_process(repeats: int, requests: int = 2000) -> dict[str, float]:
             await app(dict(scope), receive, send)
         return (time.perf_counter() - t0) / n * 1e6
 
+    def run_as(v: str, n: int) -> float:
+        context.armed = v == "guarded+helper"  # as in the variant's own process
+        return loop.run_until_complete(run(apps[v], n))
+
     loop = new_loop()
     order = list(apps)
     shuffle = random.Random(0).shuffle
     try:
         times: dict[str, list[float]] = {v: [] for v in apps}
-        for v, app in apps.items():  # warm-up
-            context.armed = v == "guarded+helper"  # as in the variant's own process
-            loop.run_until_complete(run(app, 2000))
+        for v in apps:  # warm-up
+            run_as(v, 2000)
         for _ in range(repeats):
             shuffle(order)
             for v in order:
-                context.armed = v == "guarded+helper"
-                times[v].append(loop.run_until_complete(run(apps[v], requests)))
+                times[v].append(run_as(v, requests))
     finally:
         loop.close()
     if set(statuses) != {200}:
@@ -418,6 +420,13 @@ class Pacer:
         await self.done
 
 
+def connect(port: int) -> socket.socket:
+    """A loopback connection to `port` that sends each request at once (no Nagle delay)."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
 async def paced(
     port: int, requests: int, rate: float, concurrency: int
 ) -> tuple[float, list[float]]:
@@ -426,9 +435,7 @@ async def paced(
     pacer = Pacer(requests, rate, loop.create_future())
     transports = []
     for _ in range(concurrency):
-        sock = socket.create_connection(("127.0.0.1", port))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        transport, _ = await loop.create_connection(lambda: Paced(pacer), sock=sock)
+        transport, _ = await loop.create_connection(lambda: Paced(pacer), sock=connect(port))
         transports.append(transport)
     t0 = time.perf_counter()
     try:
@@ -446,11 +453,7 @@ async def load(port: int, requests: int, concurrency: int) -> tuple[float, list[
     per = [requests // concurrency + (i < requests % concurrency) for i in range(concurrency)]
     dones = [loop.create_future() for _ in per]
     # connect first, then start every connection at once: the clock sees requests only
-    conns = []
-    for count, done in zip(per, dones, strict=True):
-        sock = socket.create_connection(("127.0.0.1", port))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conns.append((sock, count, done))
+    conns = [(connect(port), count, done) for count, done in zip(per, dones, strict=True)]
     t0 = time.perf_counter()
     for sock, count, done in conns:
         await loop.create_connection(lambda c=count, d=done: Connection(c, latencies, d), sock=sock)

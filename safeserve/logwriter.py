@@ -72,13 +72,13 @@ class LogWriter:
         # structlog takes 0.1 s to import (rich with it, when installed), and a process that
         # writes no log should not wait for it.
         self._processors: list[Processor] = []
+        self._pending: list[Any] = []
         if not callable(sink):
             from structlog.processors import JSONRenderer
 
             self._processors.append(JSONRenderer(serializer=_serializer()))
-        self._pending: list[Any] = []
-        if not callable(sink) and sink != "stdout":
-            self._fd = self._open()  # a sink that cannot be opened fails now, not per record
+            if sink != "stdout":
+                self._fd = self._open()  # a sink that cannot be opened fails now, not per record
 
     def _open(self) -> int:
         path = Path(self.sink)  # type: ignore[arg-type]

@@ -118,8 +118,9 @@ def _template_regex(template: str) -> str:
 
 
 def _add_headers(message: Message, extra: list[tuple[bytes, bytes]]) -> None:
+    headers = message.get("headers", ())
     # a new list: a Response object reuses its own header list for every send
-    message["headers"] = [*message.get("headers", ()), *extra]
+    message["headers"] = headers + extra if type(headers) is list else [*headers, *extra]
 
 
 async def _dropped() -> None:
@@ -463,10 +464,7 @@ class _Responder:
         histogram.total_s += latency
         if guard._p.tracer is not None:  # OpenTelemetry (`log.trace`): annotate the request span
             guard._trace_healthy(guard._p.tracer, self.permit, self.t0)
-        extra = _noted_headers(self.noted) if self.noted else _HEALTHY
-        headers = message.get("headers", ())
-        # a new list: a Response object reuses its own header list for every send
-        message["headers"] = headers + extra if type(headers) is list else [*headers, *extra]
+        _add_headers(message, _noted_headers(self.noted) if self.noted else _HEALTHY)
         return send(message)
 
     async def request_input(self) -> Any:

@@ -7,6 +7,7 @@ import asyncio
 import importlib
 import time
 from collections.abc import MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,24 @@ class TestGuardedRoute:
         assert (r.status_code, r.json()) == (200, {"label": "review"})
         assert headers_of(r) == ("rules", "true")
         assert guard.decisions()[-1].reasons[0].code == "timeout"
+
+    def test_time_budget_holds_on_every_loop_that_serves_the_app(self) -> None:
+        """One app served by successive event loops, and by one in another thread meanwhile:
+        each loop's requests time out on that loop."""
+        model = Model("slow", slow_s=2.0)
+        guard = ss.guard(policy("loops", timeout_s=0.1))(model.answer)
+        app = build_app(model, {"/predict": guard})
+        t = time.perf_counter()
+        answers = [post(app, body=BIG)]
+        with ThreadPoolExecutor(1) as pool:
+            elsewhere = pool.submit(post, app, "/predict", BIG)
+            answers += [post(app, body=BIG), elsewhere.result(timeout=5)]
+        answers.append(post(app, body=BIG))  # the thread and its loop are gone
+        assert time.perf_counter() - t < 1.9  # each served at its deadline, none after the model
+        assert [(r.json(), headers_of(r)) for r in answers] == [
+            ({"label": "review"}, ("rules", "true"))
+        ] * 4
+        assert [d.reasons[0].code for d in guard.decisions()] == ["timeout"] * 4
 
     def test_4xx_passes_through_and_is_not_a_failure(self) -> None:
         """404 and 422 answers reach the client untouched and do not count against the breaker."""

@@ -17,6 +17,7 @@ import weakref
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Awaitable, Mapping
+from threading import get_ident
 from time import perf_counter
 from typing import Any
 
@@ -38,6 +39,7 @@ _JSON = (b"content-type", b"application/json")
 # Called through module-level names: in Python 3.11 a method called on an imported name, or on
 # an attribute holding a callable, is looked up on every call instead of specialized.
 _set_noted = _outcomes.set
+_current_task = asyncio.current_task
 _reset_noted = _outcomes.reset
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -81,7 +83,9 @@ class _Route:
         self.guard = guard
         self.latency = _latencies.setdefault(guard, LatencyHistogram())
         self.max_body = max_body
-        self.deadlines: dict[asyncio.AbstractEventLoop, _Deadlines] = {}
+        # by thread: a thread runs one event loop at a time, and which one costs no system call
+        # to ask (`get_running_loop` calls getpid() in Python 3.11)
+        self.deadlines: dict[int, _Deadlines] = {}
 
 
 def _guard_for(target: Policy | Guard, path: str) -> Guard:
@@ -259,12 +263,13 @@ class _Deadlines:
 _TIMER_SLACK_S = 0.001
 
 
-def _new_deadlines(route: _Route, loop: asyncio.AbstractEventLoop) -> _Deadlines:
-    """The route's deadline queue on a loop it has not served yet (closed loops are dropped)."""
-    for old in list(route.deadlines):  # a copy: loops in other threads may add theirs
-        if old.is_closed():
-            route.deadlines.pop(old, None)
-    d = route.deadlines[loop] = _Deadlines(loop)
+def _new_deadlines(route: _Route) -> _Deadlines:
+    """The route's deadline queue for the running loop, the first loop of this thread it serves
+    (or a new loop: queues of closed loops are dropped)."""
+    for thread, old in list(route.deadlines.items()):  # a copy: other threads may add theirs
+        if old.loop.is_closed():
+            route.deadlines.pop(thread, None)
+    d = route.deadlines[get_ident()] = _Deadlines(asyncio.get_running_loop())
     return d
 
 
@@ -343,9 +348,10 @@ class _Responder:
             budget = p.timeout_s
             try:
                 if budget is not None:
-                    loop = asyncio.get_running_loop()
-                    self.task = asyncio.current_task(loop)
-                    deadlines = route.deadlines.get(loop) or _new_deadlines(route, loop)
+                    deadlines = route.deadlines.get(get_ident())
+                    if deadlines is None or not deadlines.loop.is_running():
+                        deadlines = _new_deadlines(route)
+                    self.task = _current_task(deadlines.loop)
                     deadlines.watch(self, budget)
                 app = route.app
                 await app(scope, self.receive_tee, self.send_checked)

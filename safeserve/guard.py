@@ -25,13 +25,13 @@ from typing import Any
 from safeserve import context, registry
 from safeserve.breaker import Breaker, BreakerEvent
 from safeserve.confidence import first_non_finite
+from safeserve.deadlines import await_watched
 from safeserve.decisions import Decision, RawAttempt, RawReason, Record
 from safeserve.degrade import Degradation, DegradationPath, failed_attempt, ms
 from safeserve.errors import Overloaded, PolicyError
 from safeserve.logwriter import LogWriter
 from safeserve.pipeline import Pipeline
 from safeserve.policy import Policy
-from safeserve.timeouts import await_within
 from safeserve.validation import Invalid
 
 
@@ -365,7 +365,7 @@ class AsyncGuard(Guard):
         attempts: list[RawAttempt] | None = None
         try:
             if p.has_deadline:
-                value = await await_within(p.fn(*args, **kwargs), p.first_timeout(t0))
+                value = await await_watched(p.deadlines, p.fn(*args, **kwargs), p.first_timeout(t0))
             else:
                 value = await p.fn(*args, **kwargs)
         except asyncio.CancelledError:
@@ -434,7 +434,7 @@ class AsyncGuard(Guard):
                 t = perf_counter()
                 limit = p.attempt_limit(deadline)
                 try:
-                    value = await await_within(p.fn(*args, **kwargs), limit)
+                    value = await await_watched(p.deadlines, p.fn(*args, **kwargs), limit)
                 except Exception as failure:
                     attempts.append(failed_attempt(failure, perf_counter() - t))
                     raise

@@ -13,6 +13,7 @@ from time import perf_counter
 from typing import Any
 
 from safeserve.confidence import ConfidenceCheck, OutputCheck
+from safeserve.deadlines import Deadlines
 from safeserve.decisions import InputRecorder, OpenAggregate
 from safeserve.errors import PolicyError, Problem
 from safeserve.fallbacks import CacheStep, FallbackStep, build_steps
@@ -38,6 +39,7 @@ class Pipeline:
         "check_finite",
         "checks",
         "confidence",
+        "deadlines",
         "flag_invalid",
         "fn",
         "has_deadline",
@@ -110,6 +112,8 @@ class Pipeline:
         self.attempt_timeout = policy.retry.attempt_timeout_s if policy.retry else None
         self.has_deadline = bool(self.timeout_s or self.attempt_timeout)
         self.pool = self._pool(policy, is_async, previous)
+        # async calls' deadlines, by thread (safeserve.deadlines); kept over a reload
+        self.deadlines: dict[int, Deadlines] = previous.deadlines if previous is not None else {}
         self.bulkhead = (
             threading.BoundedSemaphore(policy.max_concurrent) if policy.max_concurrent else None
         )

@@ -150,6 +150,110 @@ class TestAsyncTimeout:
         assert "timeout" in codes(out.decision)
         assert seen_in_loop == ["cancelled"]
 
+    @staticmethod
+    def sleeper(name: str, timeout_s: float) -> Any:
+        async def predict(x: dict) -> dict:
+            await asyncio.sleep(5)
+            return {"label": "slow"}
+
+        fallbacks = [ss.Fallback.static("static", STATIC)]
+        return ss.guard(name=name, timeout_s=timeout_s, fallbacks=fallbacks)(predict)
+
+    def test_timeout_leaves_the_task_uncancelled(self) -> None:
+        """After a timed-out call the task's cancellation count is back to what it was, so
+        asyncio.timeout and TaskGroup in the caller keep working."""
+        g = self.sleeper("uncancelled", 0.05)
+
+        async def main() -> tuple[str, int, bool]:
+            out = await g.call({})
+            count = asyncio.current_task().cancelling()  # type: ignore[union-attr]
+            try:
+                async with asyncio.timeout(0.05):
+                    await asyncio.sleep(5)
+            except TimeoutError:
+                return out.decision.served_by, count, True
+            return out.decision.served_by, count, False
+
+        assert asyncio.run(main()) == ("static", 0, True)
+
+    def test_a_model_that_swallows_the_cancellation_still_leaves_the_task_uncancelled(
+        self,
+    ) -> None:
+        """A primary that catches the deadline's cancellation and answers anyway is served;
+        the cancellation it swallowed is not left counted on the task."""
+
+        async def stubborn(x: dict) -> dict:
+            try:
+                await asyncio.sleep(5)
+            except asyncio.CancelledError:
+                return {"label": "late"}
+            return {"label": "slow"}
+
+        g = ss.guard(name="stubborn", timeout_s=0.05)(stubborn)
+
+        async def main() -> tuple[Any, int]:
+            answer = await g({})
+            return answer, asyncio.current_task().cancelling()  # type: ignore[union-attr]
+
+        assert asyncio.run(main()) == ({"label": "late"}, 0)
+
+    def test_cancellation_from_outside_is_not_a_timeout(self) -> None:
+        """A caller cancelled during a timed call is cancelled, not served by a fallback."""
+        g = self.sleeper("outside", 1.0)
+
+        async def main() -> tuple[bool, float]:
+            task = asyncio.create_task(g({}))
+            await asyncio.sleep(0.05)
+            start = time.monotonic()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return task.cancelled(), time.monotonic() - start
+
+        cancelled, waited = asyncio.run(main())
+        assert cancelled
+        assert waited < 0.5
+
+    def test_outer_budget_expiring_inside_an_inner_guard_is_the_outers_timeout(self) -> None:
+        """Guard A (0.1 s) calls guard B (1 s): at 0.1 s B is cancelled and A times out."""
+        inner = self.sleeper("inner", 1.0)
+
+        async def outer_fn(x: dict) -> Any:
+            return await inner(x)
+
+        outer = ss.guard(
+            name="outer", timeout_s=0.1, fallbacks=[ss.Fallback.static("static", STATIC)]
+        )(outer_fn)
+
+        async def main() -> tuple[Any, float]:
+            start = time.monotonic()
+            out = await outer.call({})
+            return out, time.monotonic() - start
+
+        out, elapsed = asyncio.run(main())
+        assert elapsed < 0.5
+        assert (out.decision.served_by, codes(out.decision)) == ("static", ["timeout"])
+        assert inner.stats()["calls"] == 0  # cancelled from outside: no outcome of its own
+
+    def test_budget_shortened_by_a_reload_applies_at_once(self) -> None:
+        """A call under a new, shorter budget times out on time, though a call with the old,
+        longer one is still waiting."""
+        g = self.sleeper("reloaded", 2.0)
+
+        async def main() -> tuple[Any, float]:
+            long = asyncio.create_task(g({}))
+            await asyncio.sleep(0.02)
+            g.reload(g.policy.model_copy(update={"timeout_s": 0.1}))
+            start = time.monotonic()
+            out = await g.call({})
+            elapsed = time.monotonic() - start
+            long.cancel()
+            return out, elapsed
+
+        out, elapsed = asyncio.run(main())
+        assert elapsed < 1.0
+        assert (out.decision.served_by, codes(out.decision)) == ("static", ["timeout"])
+
 
 def counting_model(exc_sequence: list[BaseException | None]) -> Any:
     """A model raising the listed exceptions in turn (None answers); records each invocation."""

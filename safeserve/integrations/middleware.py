@@ -15,7 +15,6 @@ import math
 import re
 import weakref
 from bisect import bisect_left
-from collections import deque
 from collections.abc import Awaitable, Mapping
 from threading import get_ident
 from time import perf_counter
@@ -26,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from safeserve import context
 from safeserve.context import Noted
 from safeserve.context import current as _outcomes
+from safeserve.deadlines import SETTLED, Deadlines, new_deadlines
 from safeserve.decisions import RawReason, json_safe
 from safeserve.degrade import Degradation, failed_attempt
 from safeserve.errors import AttemptTimeout, NoFallbackAvailable
@@ -83,9 +83,7 @@ class _Route:
         self.guard = guard
         self.latency = _latencies.setdefault(guard, LatencyHistogram())
         self.max_body = max_body
-        # by thread: a thread runs one event loop at a time, and which one costs no system call
-        # to ask (`get_running_loop` calls getpid() in Python 3.11)
-        self.deadlines: dict[int, _Deadlines] = {}
+        self.deadlines: dict[int, Deadlines] = {}  # by thread, see safeserve.deadlines
 
 
 def _guard_for(target: Policy | Guard, path: str) -> Guard:
@@ -213,71 +211,11 @@ async def _annotated(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -
         _reset_noted(token)
 
 
-class _Deadlines:
-    """The time budgets of one route's requests in flight on one event loop.
-
-    One timer per route, not one per request: requests join a queue in arrival order and leave
-    it once their response has started or their endpoint has ended; the timer wakes at the
-    oldest request's deadline. A route's budget is the same for every request, so the queue is
-    in deadline order (until a hot reload changes the budget: then a request may expire late
-    by at most the difference).
-    """
-
-    __slots__ = ("compact_at", "loop", "pending", "timer")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.pending: deque[_Responder] = deque()
-        self.timer: asyncio.TimerHandle | None = None
-        self.compact_at = 64
-
-    def watch(self, r: _Responder, timeout_s: float) -> None:
-        """Expire `r` at `r.t0 + timeout_s` unless its response has started by then."""
-        r.deadline = r.t0 + timeout_s
-        pending = self.pending
-        while pending and pending[0].state >= _SETTLED:
-            pending.popleft()
-        if len(pending) >= self.compact_at:  # a slow request at the head holds the rest
-            self.pending = pending = deque(q for q in pending if q.state < _SETTLED)
-            self.compact_at = max(64, 2 * len(pending))
-        pending.append(r)
-        if self.timer is None:
-            self.timer = self.loop.call_later(timeout_s, self.check)
-
-    def check(self) -> None:
-        self.timer = None
-        pending = self.pending
-        now = perf_counter() + _TIMER_SLACK_S
-        while pending:
-            r = pending[0]
-            if r.state < _SETTLED:
-                if r.deadline > now:
-                    self.timer = self.loop.call_later(r.deadline - now, self.check)
-                    return
-                r.expire()
-            pending.popleft()
-
-
-# The loop's timers may fire up to a millisecond early (its clock resolution): a deadline that
-# close counts as reached, as asyncio's own timers do.
-_TIMER_SLACK_S = 0.001
-
-
-def _new_deadlines(route: _Route) -> _Deadlines:
-    """The route's deadline queue for the running loop, the first loop of this thread it serves
-    (or a new loop: queues of closed loops are dropped)."""
-    for thread, old in list(route.deadlines.items()):  # a copy: other threads may add theirs
-        if old.loop.is_closed():
-            route.deadlines.pop(thread, None)
-    d = route.deadlines[get_ident()] = _Deadlines(asyncio.get_running_loop())
-    return d
-
-
 # What happens to the endpoint's messages (`_Responder.state`).
 # The time budget still applies below _SETTLED and no longer from it on.
 _WAITING = 0  # the response start is checked when it comes
 _FAILING = 1  # dropped: a 5xx start, from an endpoint still running under its time budget
-_SETTLED = 2
+_SETTLED = SETTLED  # 2
 _STARTED = 2  # passed on: the endpoint's answer stands
 _DROPPED = 3  # dropped: the endpoint ended (or failed) without a response; a fallback answers
 _EXPIRED = 4  # dropped: the time budget ran out before the response started
@@ -350,9 +288,9 @@ class _Responder:
                 if budget is not None:
                     deadlines = route.deadlines.get(get_ident())
                     if deadlines is None or not deadlines.loop.is_running():
-                        deadlines = _new_deadlines(route)
+                        deadlines = new_deadlines(route.deadlines)
                     self.task = _current_task(deadlines.loop)
-                    deadlines.watch(self, budget)
+                    deadlines.watch(self, self.t0 + budget)
                 app = route.app
                 await app(scope, self.receive_tee, self.send_checked)
             except asyncio.CancelledError:

@@ -16,13 +16,14 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
@@ -34,6 +35,7 @@ from safeserve.errors import InputRejected, NoFallbackAvailable, PolicyError, Pr
 from safeserve.guard import AsyncGuard, Guard
 from safeserve.integrations.admin import admin_router
 from safeserve.policy import Policy
+from safeserve.validation import field_names, problems_of
 
 POLICIES_ENV = "SAFESERVE_POLICIES"
 TOKEN_ENV = "SAFESERVE_ADMIN_TOKEN"
@@ -269,15 +271,41 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 async def _request_invalid(request: Request, exc: Exception) -> JSONResponse:
-    """FastAPI's own validation (admin routes' parameters), in the guard's shape, no inputs."""
+    """FastAPI's own validation of a route's parameters, in the guard's shape: no inputs, no
+    validator's message, no key the client chose (`problems_of`)."""
     errors = exc.errors() if isinstance(exc, RequestValidationError) else []
-    problems = []
-    for e in errors:
-        parts = [str(p) for p in e.get("loc", ())]
-        if parts[:1] == ["body"]:
-            parts = parts[1:]
-        problems.append(Problem(".".join(parts) or "$", str(e.get("msg", "invalid"))))
-    return _invalid_input(problems)
+    route = request.scope.get("route")
+    names = _route_names(route) if isinstance(route, APIRoute) else frozenset()
+    body = [{**e, "loc": tuple(e["loc"])[1:]} if _in_body(e) else e for e in errors]
+    return _invalid_input(problems_of(body, names))
+
+
+def _in_body(error: Mapping[str, Any]) -> bool:
+    loc = error.get("loc", ())
+    return len(loc) > 0 and loc[0] == "body"
+
+
+def _route_names(route: APIRoute) -> frozenset[str]:
+    """What a route's validation errors may name: where a parameter comes from, its name and
+    alias, and the fields of its type (`field_names`). Worked out per 422, not kept: a few
+    µs, and routes are not hashable."""
+    names = {"query", "path", "header", "cookie", "body"}
+    annotations = []
+    stack = [route.dependant]
+    while stack:
+        dependant = stack.pop()
+        stack.extend(dependant.dependencies)
+        params = (
+            *dependant.path_params,
+            *dependant.query_params,
+            *dependant.header_params,
+            *dependant.cookie_params,
+            *dependant.body_params,
+        )
+        for param in params:
+            names.update((param.name, param.alias))
+            annotations.append(param.field_info.annotation)
+    return field_names(*annotations) | names
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, get_args, is_typeddict
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core.core_schema import ErrorType
 
 from safeserve.errors import Problem
 
@@ -33,27 +35,73 @@ class SchemaValidator:
     else a plain dict of the coerced values, so `def predict(x: dict)` keeps working.
     """
 
-    __slots__ = ("keep_model", "schema")
+    __slots__ = ("keep_model", "names", "schema")
 
     def __init__(self, schema: type[BaseModel], fn: Callable[..., Any]) -> None:
         self.schema = schema
         self.keep_model = _annotated_with(fn, schema)
+        self.names = field_names(schema)
 
     def __call__(self, x: Any) -> Any:
         try:
             value = self.schema.model_validate(x)
         except ValidationError as err:
-            raise Invalid(problems_of(err)) from None
+            errors = err.errors(include_input=False, include_url=False, include_context=False)
+            raise Invalid(problems_of(errors, self.names)) from None
         return value if self.keep_model else value.model_dump()
 
 
-def problems_of(err: ValidationError) -> list[Problem]:
-    """One `Problem` per field, without the offending value (it may be personal data)."""
+def problems_of(errors: Iterable[Mapping[str, Any]], names: frozenset[str]) -> list[Problem]:
+    """One `Problem` per pydantic error, holding nothing the client sent (it may be personal
+    data): a location part that is not one of the schema's field names (an unexpected key, a
+    dict's key) reads "*"; a message a validator wrote (which may quote the value) gives way to
+    a fixed one; a parser's detail that quotes a character it found is cut."""
     out = []
-    for e in err.errors(include_input=False, include_url=False, include_context=False):
-        loc = ".".join(str(p) for p in e["loc"]) or "$"
-        out.append(Problem(loc=loc, message=e["msg"]))
+    for e in errors:
+        loc = ".".join(str(p) if type(p) is int or p in names else "*" for p in e["loc"]) or "$"
+        out.append(Problem(loc=loc, message=_clean_message(str(e["type"]), str(e["msg"]))))
     return out
+
+
+_PYDANTIC_TYPES = frozenset(get_args(ErrorType))
+_AUTHORED = frozenset({"value_error", "assertion_error"})  # the text is the validator's
+
+
+def _clean_message(kind: str, message: str) -> str:
+    if kind in _AUTHORED or kind not in _PYDANTIC_TYPES:
+        return f"rejected by a validator ({kind})"
+    if kind.endswith("_parsing") and "found" in message:  # uuid: "found `S` at 1"
+        return message.partition(", ")[0]
+    return message
+
+
+def field_names(*annotations: Any) -> frozenset[str]:
+    """The field names and aliases of every model, dataclass and TypedDict reachable from
+    `annotations`, and pydantic's own marker for a dict's key: what an error's location may
+    say (besides list indexes) without quoting the client's keys."""
+    names: set[str] = {"[key]"}
+    seen: set[int] = set()
+
+    def walk(tp: Any) -> None:
+        if id(tp) in seen:
+            return
+        seen.add(id(tp))
+        fields: dict[str, Any] = {}
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            for name, f in tp.model_fields.items():
+                names.update(a for a in (f.alias, f.validation_alias) if isinstance(a, str))
+                fields[name] = f.annotation
+        elif dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            fields = {f.name: f.type for f in dataclasses.fields(tp)}
+        elif is_typeddict(tp):
+            fields = dict(getattr(tp, "__annotations__", {}))
+        names.update(fields)
+        for sub in (*fields.values(), *get_args(tp)):
+            walk(sub)
+
+    for annotation in annotations:
+        walk(annotation)
+    return frozenset(names)
 
 
 def _annotated_with(fn: Callable[..., Any], schema: type[BaseModel]) -> bool:

@@ -13,15 +13,18 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import httpx
 import pytest
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, field_validator
 
 import safeserve.serve as serve_module
 from safeserve.cli import main
 from safeserve.decorator import guard_model
 from safeserve.errors import InputRejected, PolicyError
-from safeserve.serve import build_app
+from safeserve.serve import build_app, install_error_handlers
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ROOT / "examples" / "policies.yaml"
@@ -30,6 +33,50 @@ TXN = {"amount": 120.0, "country": "DE", "customer_id": "c-1"}
 CARD = 4111111111111111
 BAD_TXN = {"amount": 5, "country": ["DE"], "card_number": CARD}
 SECRET = "model exploded: secret-detail-5c1e"
+
+
+class Item(BaseModel):
+    amount: float
+
+
+class Strict(BaseModel):
+    """What a client can get wrong: a value a validator quotes, a key it made up, a dict's key,
+    a UUID, a field deep in a list."""
+
+    model_config = ConfigDict(extra="forbid")
+    card: str
+    ref: UUID
+    tags: dict[int, int] = {}
+    items: list[Item] = []
+
+    @field_validator("card")
+    @classmethod
+    def digits(cls, v: str) -> str:
+        if not v.isdigit():
+            raise ValueError(f"card {v} is not numeric")
+        return v
+
+
+STRICT_BODY = {
+    "card": "SECRET-4111",
+    "ref": "SECRET-uuid",
+    "tags": {"SECRETK": 1},
+    "items": [{"amount": 1}, {"amount": "SECRET-amt"}],
+    "SECRETKEY": 1,
+}
+STRICT_PROBLEMS = [
+    {"loc": "card", "message": "rejected by a validator (value_error)"},
+    {"loc": "ref", "message": "Input should be a valid UUID"},
+    {
+        "loc": "tags.*.[key]",
+        "message": "Input should be a valid integer, unable to parse string as an integer",
+    },
+    {
+        "loc": "items.1.amount",
+        "message": "Input should be a valid number, unable to parse string as a number",
+    },
+    {"loc": "*", "message": "Extra inputs are not permitted"},
+]
 
 MODELS = f"""
 from typing import Any
@@ -261,6 +308,33 @@ class TestInvalidInput:
                 "message": "Input should be a valid integer, unable to parse string as an integer",
             }
         ]
+
+    def test_no_value_key_or_validator_text_of_the_client_in_a_422(
+        self, policy_file: Any, tmp_path: Path
+    ) -> None:
+        """What a validator wrote (it quotes the value), keys the client made up and the
+        character a parser found are left out; the schema's own names stay."""
+        policy_file("reject")  # the test models, importable
+        path = tmp_path / "strict.yaml"
+        path.write_text(
+            "policies:\n  strict:\n    model: serve_models:what_it_got\n"
+            "    validation: {schema: 'test_serve:Strict', on_invalid: reject}\n"
+        )
+        r = request(build_app(path), "POST", "/v1/models/strict/predict", json=STRICT_BODY)
+        assert assert_clean_422(r, "SECRET") == STRICT_PROBLEMS
+
+    def test_fastapis_own_validation_is_as_clean(self) -> None:
+        """install_error_handlers gives a plain FastAPI route the same clean problems."""
+        app = FastAPI()
+        install_error_handlers(app)
+
+        @app.post("/score/{shop}")
+        def score(shop: int, body: Strict, limit: int = 3) -> int:
+            return limit
+
+        r = request(app, "POST", "/score/SECRET-shop?limit=SECRET-9", json=STRICT_BODY)
+        locs = ["path.shop", "query.limit", *(p["loc"] for p in STRICT_PROBLEMS)]
+        assert [p["loc"] for p in assert_clean_422(r, "SECRET")] == locs
 
     def test_a_model_error_never_reaches_the_body(self, policy_file: Any) -> None:
         app = build_app(policy_file("reject"))

@@ -204,6 +204,25 @@ class TestGuardedRoute:
         assert headers_of(item) == ("primary", "false")
         assert headers_of(stream) == (None, None)
 
+    def test_routes_stay_guarded_behind_a_root_path(self) -> None:
+        """Behind a proxy prefix (root_path "/api"), "/predict" and "/items/{item_id}" are the
+        paths the app routes on, and are guarded."""
+        model = Model("crash")
+        app = build_app(model, {"/predict": policy("prefixed"), "/items/{item_id}": policy("i")})
+
+        async def send_all() -> list[httpx.Response]:
+            transport = httpx.ASGITransport(app=app, root_path="/api")
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                return [
+                    await client.post("/api/predict", json=BIG),
+                    await client.get("/api/items/7"),
+                ]
+
+        predicted, item = asyncio.run(send_all())
+        assert (predicted.status_code, predicted.json()) == (200, {"label": "review"})
+        assert headers_of(predicted) == ("rules", "true")
+        assert (item.status_code, headers_of(item)) == (200, ("rules", "true"))
+
 
 class TestDecoratedFunctionHeaders:
     def test_unlisted_endpoint_gets_headers_of_a_degraded_guarded_call(self) -> None:

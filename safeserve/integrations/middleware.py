@@ -180,9 +180,12 @@ class SafeServeMiddleware:
     # coroutine (the route's, or the app's own), not one more for the middleware.
     def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         if scope["type"] == "http":
-            route = self.exact.get(scope["path"])
+            path = scope["path"]
+            if scope.get("root_path"):  # behind a prefix: match the path the app routes on
+                path = _route_path(path, scope["root_path"])
+            route = self.exact.get(path)
             if route is None and self.pattern is not None:
-                match = self.pattern.fullmatch(scope["path"])
+                match = self.pattern.fullmatch(path)
                 if match is not None and match.lastgroup is not None:
                     route = self.templated[int(match.lastgroup[1:])]
             if route is not None:
@@ -193,6 +196,13 @@ class SafeServeMiddleware:
 
     # ASGI servers tell ASGI 3 apps by `asyncio.iscoroutinefunction(app.__call__)`
     __call__._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
+
+
+def _route_path(path: str, root_path: str) -> str:
+    """The path without the app's mount prefix, as starlette routes on it."""
+    if path.startswith(root_path) and path[len(root_path) : len(root_path) + 1] in ("/", ""):
+        return path[len(root_path) :]
+    return path
 
 
 async def _annotated(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:

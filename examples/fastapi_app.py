@@ -12,7 +12,8 @@
 `/predict` is guarded by the middleware: a crash, a 5xx or no answer within 200 ms serves the
 rule table (which reads the JSON body), else a static answer; every response says who served it
 in `X-SafeServe-Served-By` / `X-SafeServe-Degraded`. `/explain` is not guarded itself but calls a
-guarded function, so its responses carry the same headers when that function degraded.
+guarded function, so its responses carry the same headers (which say whether that function
+degraded).
 """
 
 from __future__ import annotations

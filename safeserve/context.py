@@ -1,8 +1,9 @@
 """Outcomes of guarded calls made while serving one request, for the HTTP integration.
 
 The FastAPI middleware opens a collection around an endpoint; a guarded function called inside
-it notes how it was served. Only degraded and flagged calls write (a healthy call costs
-nothing here), so "nothing noted" means every guarded call was served by a healthy primary.
+it notes how it was served: every degraded or flagged call, and the first healthy one (a
+collection that holds anything means the endpoint called a guarded function, so its response
+gets the X-SafeServe headers; the first degraded outcome is the one they report).
 
 Until a guard exists that an endpoint could call (`armed`), there is nothing to collect: the
 middleware then opens no collection, and routes it does not guard pass straight through.
@@ -23,11 +24,23 @@ current: ContextVar[Noted | None] = ContextVar("safeserve_outcomes", default=Non
 armed = False
 
 
+HEALTHY = ("primary", False)
+current_get = current.get  # for the guards' healthy path: one call, no attribute lookup
+
+
 def note(served_by: str | None, degraded: bool) -> None:
     """Record a degraded or flagged call's outcome in the current collection, if any."""
     noted = current.get()
     if noted is not None:
         noted.append((served_by, degraded))
+
+
+def note_healthy() -> None:
+    """Record a healthy call in the current collection, if it holds nothing yet (the guards'
+    fast path inlines this)."""
+    noted = current_get()
+    if noted is not None and not noted:
+        noted.append(HEALTHY)
 
 
 @contextmanager

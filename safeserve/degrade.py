@@ -19,7 +19,7 @@ from typing import Any
 
 from safeserve.breaker import REJECTED, Breaker
 from safeserve.confidence import ConfidenceCheck
-from safeserve.context import note
+from safeserve.context import note, note_healthy
 from safeserve.decisions import Outcome, RawAttempt, RawReason, Record, describe_error
 from safeserve.errors import InputRejected, NoFallbackAvailable, Overloaded, PolicyError
 from safeserve.fallbacks import FallbackStep, NoAnswer
@@ -312,6 +312,7 @@ class DegradationPath:
             d.flagged = True
             return self._finish(d, value, "primary", t0, want, notices)
         next(self._healthy_count)
+        note_healthy()
         sampled = bool(p.sample_rate) and random() < p.sample_rate
         if not (sampled or want):
             if p.tracer is not None:

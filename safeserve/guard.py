@@ -25,6 +25,8 @@ from typing import Any
 from safeserve import context, registry
 from safeserve.breaker import Breaker, BreakerEvent
 from safeserve.confidence import first_non_finite
+from safeserve.context import HEALTHY as _HEALTHY
+from safeserve.context import current_get as _noted
 from safeserve.deadlines import await_watched
 from safeserve.decisions import Decision, RawAttempt, RawReason, Record
 from safeserve.degrade import Degradation, DegradationPath, failed_attempt, ms
@@ -127,6 +129,9 @@ class Guard(DegradationPath):
                 return self._fallback_sync(d, t0, _ss_want, notices)
         if p.plain_healthy and notices is None and not _ss_want:
             next(self._healthy_count)
+            noted = _noted()  # context.note_healthy(), inline
+            if noted is not None and not noted:
+                noted.append(_HEALTHY)
             return value
         latency = latency or perf_counter() - t0
         return self._healthy(

@@ -8,6 +8,7 @@ the request body's `mode` field chooses the endpoint's behaviour.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -91,7 +92,8 @@ def build_app(
     @app.post("/unlisted")
     async def unlisted(txn: Txn) -> dict[str, Any]:
         assert helper is not None
-        return {"answer": await helper(txn.model_dump())}
+        answer = helper(txn.model_dump())  # a sync guard answers, an async one needs awaiting
+        return {"answer": await answer if inspect.isawaitable(answer) else answer}
 
     app.add_middleware(SafeServeMiddleware, routes=routes)
     app.include_router(admin_router(guards, token=token))

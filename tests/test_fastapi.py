@@ -237,6 +237,32 @@ class TestDecoratedFunctionHeaders:
         assert r.json() == {"answer": {"label": "x"}}
         assert headers_of(r) == ("v2", "true")
 
+    @pytest.mark.parametrize("kind", ["async", "sync", "sync with retries"])
+    def test_unlisted_endpoint_calling_a_healthy_guarded_function_gets_the_headers(
+        self, kind: str
+    ) -> None:
+        """A healthy guarded call inside an unlisted endpoint: served by the primary, not
+        degraded (the guards' fast path and their full healthy path both say so)."""
+
+        async def fine_async(x: dict[str, Any]) -> dict[str, Any]:
+            return {"label": "ok"}
+
+        def fine_sync(x: dict[str, Any]) -> dict[str, Any]:
+            return {"label": "ok"}
+
+        retry = ss.RetryConfig(attempts=2) if kind == "sync with retries" else None
+        helper = ss.guard(name=f"fine-{kind}", retry=retry)
+        app = build_app(Model(), {}, helper=helper(fine_async if kind == "async" else fine_sync))
+        r = post(app, "/unlisted")
+        assert r.json() == {"answer": {"label": "ok"}}
+        assert headers_of(r) == ("primary", "false")
+
+    def test_unlisted_endpoint_calling_no_guarded_function_gets_no_headers(self) -> None:
+        """Only endpoints that call a guarded function are annotated."""
+        ss.guard(name="exists")(lambda x: x)  # armed: endpoints are watched
+        r = run(build_app(Model(), {}), ("GET", "/items/3", {}))[0]
+        assert (r.status_code, headers_of(r)) == (200, (None, None))
+
     def test_guarded_route_reports_a_degraded_inner_call(self) -> None:
         """A guarded route whose endpoint served a fallback of an inner guard says so."""
 

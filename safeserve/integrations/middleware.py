@@ -146,7 +146,7 @@ class SafeServeMiddleware:
     """Guards the listed routes (exact paths or templates) with a policy or an existing guard.
 
     Routes not listed, and non-HTTP scopes, go straight to the app; an unlisted endpoint that
-    calls a guarded function which degraded still gets the X-SafeServe headers. Until the
+    calls a guarded function still gets the X-SafeServe headers. Until the
     process has a guard an endpoint could call (`context.armed`), endpoints are not watched
     for such calls: a guarded route skips that, and unlisted ones cost a dict lookup only. A
     guard made while a request is in flight reports from the next request on.
@@ -206,7 +206,7 @@ def _route_path(path: str, root_path: str) -> str:
 
 
 async def _annotated(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
-    """Run an unlisted endpoint; add the headers only if a guarded call in it noted something."""
+    """Run an unlisted endpoint; add the headers if it called a guarded function."""
     noted: Noted = []
 
     async def send_noted(message: Message) -> None:

@@ -269,7 +269,10 @@ class DegradationPath:
         t0: float,
         want: bool,
         notices: list[RawReason] | None = None,
+        timed: bool = True,
     ) -> Any:
+        """Count, record and note an answer that is not a plain healthy one (`timed`: its
+        latency goes into the histogram, unless the caller put it there)."""
         if notices:
             d.reasons.extend(notices)
         codes = [r.code for r in d.reasons]
@@ -278,7 +281,7 @@ class DegradationPath:
             self._count(None, codes, flagged=True)
         else:
             self._count(served_by, codes, failed=served_by is None)
-        record = self._record(d, value, served_by, t0)
+        record = self._record(d, value, served_by, t0, timed)
         note(served_by, not d.flagged)
         if served_by is None:
             raise NoFallbackAvailable(record.decision())
@@ -312,6 +315,8 @@ class DegradationPath:
             d.flagged = True
             return self._finish(d, value, "primary", t0, want, notices)
         next(self._healthy_count)
+        if p.hist is not None:
+            p.hist.latency.add(latency)
         note_healthy()
         sampled = bool(p.sample_rate) and random() < p.sample_rate
         if not (sampled or want):
@@ -343,8 +348,13 @@ class DegradationPath:
         """Annotate the current span for a healthy call that builds no record."""
         tracer.healthy(self.breaker.state_of(permit), ms(perf_counter() - t0), confidence)
 
-    def _record(self, d: Degradation, value: Any, served_by: str | None, t0: float) -> Record:
+    def _record(
+        self, d: Degradation, value: Any, served_by: str | None, t0: float, timed: bool = True
+    ) -> Record:
         p = d.p
+        latency = perf_counter() - t0
+        if p.hist is not None and timed:
+            p.hist.latency.add(latency)
         logged = True
         if p.open_aggregate is not None and d.reasons[0].code == "breaker_open":
             p.open_aggregate.add(served_by)  # one record per second, not one per call
@@ -360,7 +370,7 @@ class DegradationPath:
             d.attempts,
             d.confidence,
             d.state,
-            ms(perf_counter() - t0),
+            ms(latency),
         )
         self._emit(p, record, d.x, value, logged)
         if p.tracer is not None:

@@ -31,6 +31,7 @@ from safeserve.deadlines import await_watched
 from safeserve.decisions import Decision, RawAttempt, RawReason, Record
 from safeserve.degrade import Degradation, DegradationPath, failed_attempt, ms
 from safeserve.errors import Overloaded, PolicyError
+from safeserve.histograms import Histograms
 from safeserve.logwriter import LogWriter
 from safeserve.pipeline import Pipeline
 from safeserve.policy import Policy
@@ -66,6 +67,22 @@ class Guard(DegradationPath):
         registry.register(self)
         if self.endpoint_callable:
             context.armed = True
+        if registry.histograms_everywhere:
+            self.collect_histograms()
+
+    def collect_histograms(self) -> Histograms:
+        """The guard's latency and confidence histograms, kept from now on (a call pays for
+        them only from then): for the metrics route, which starts them."""
+        p = self._p
+        if p.hist is None:
+            p.hist = Histograms()
+            p.timed = True
+        return p.hist
+
+    @property
+    def histograms(self) -> Histograms | None:
+        """The histograms, if something has started them (`collect_histograms`)."""
+        return self._p.hist
 
     # -- the sync driver ---------------------------------------------------------------------
     def __call__(
@@ -120,6 +137,8 @@ class Guard(DegradationPath):
         check = p.confidence
         if check is not None:
             conf = check.extract(value)
+            if p.hist is not None and conf is not None:
+                p.hist.confidence.add(conf)
             if conf is None or not check.threshold <= conf <= 1.0:
                 d = self._low_confidence(
                     p, check, conf, args, kwargs, offset, permit, latency, attempts
@@ -129,6 +148,8 @@ class Guard(DegradationPath):
                 return self._fallback_sync(d, t0, _ss_want, notices)
         if p.plain_healthy and notices is None and not _ss_want:
             next(self._healthy_count)
+            if p.hist is not None:
+                p.hist.latency.add(latency)
             noted = _noted()  # context.note_healthy(), inline
             if noted is not None and not noted:
                 noted.append(_HEALTHY)
@@ -398,6 +419,8 @@ class AsyncGuard(Guard):
         check = p.confidence
         if check is not None:
             conf = check.extract(value)
+            if p.hist is not None and conf is not None:
+                p.hist.confidence.add(conf)
             if conf is None or not check.threshold <= conf <= 1.0:
                 d = self._low_confidence(
                     p, check, conf, args, kwargs, offset, permit, latency, attempts

@@ -17,6 +17,7 @@ from safeserve.deadlines import Deadlines
 from safeserve.decisions import InputRecorder, OpenAggregate
 from safeserve.errors import PolicyError, Problem
 from safeserve.fallbacks import CacheStep, FallbackStep, build_steps
+from safeserve.histograms import Histograms
 from safeserve.logwriter import LogWriter, writer_for
 from safeserve.policy import DecisionLogConfig, Policy
 from safeserve.profile import Profiler
@@ -43,6 +44,7 @@ class Pipeline:
         "flag_invalid",
         "fn",
         "has_deadline",
+        "hist",
         "include_inputs",
         "include_outputs",
         "inline_slot",
@@ -153,10 +155,14 @@ class Pipeline:
         self.plain_healthy = (
             not self.caches and self.retry is None and not self.sample_rate and self.tracer is None
         )
+        # the guard's histograms, once something exports them (Guard.collect_histograms)
+        self.hist: Histograms | None = previous.hist if previous is not None else None
         # a healthy call's latency is read only where something uses it: slow-call detection,
-        # the checks and bookkeeping that record it (the degraded branches time themselves)
+        # the checks and bookkeeping that record it, the histograms (the degraded branches time
+        # themselves)
         self.timed = (
-            not self.plain_healthy
+            self.hist is not None
+            or not self.plain_healthy
             or policy.breaker.slow_call_s is not None
             or self.confidence is not None
             or self.output_schema is not None

@@ -15,6 +15,8 @@ _guards: weakref.WeakSet[Guard] = weakref.WeakSet()
 _lock = threading.Lock()
 _drills: list[tuple[str, str | None]] = []  # (reason, policy name or None for all)
 testing_mode = False
+# set by an admin router that exports every guard: new guards keep histograms from the start
+histograms_everywhere = False
 
 
 def register(guard: Guard) -> None:
@@ -22,6 +24,14 @@ def register(guard: Guard) -> None:
     with _lock:
         _guards.add(guard)
         guard.forced = _forced_for(guard.name)
+
+
+def collect_histograms_everywhere() -> None:
+    """Every guard, now and to come, keeps its histograms (`Guard.collect_histograms`)."""
+    global histograms_everywhere
+    histograms_everywhere = True
+    for guard in live_guards():
+        guard.collect_histograms()
 
 
 def live_guards() -> list[Guard]:

@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from uvicorn_server import UvicornServer, uvicorn_server  # noqa: F401 (fixture)
 
 import safeserve as ss
-from safeserve import context
+from safeserve import context, registry
 from safeserve.fastapi import SafeServeMiddleware, admin_router
 
 TOKEN = "s3cret-admin-token"
@@ -403,9 +403,60 @@ class TestAdminRoutes:
         assert 'safeserve_calls_total{policy="admin-a",served_by="rules"} 1.0' in text
         assert 'safeserve_degradations_total{policy="admin-a",reason="error"} 1.0' in text
         assert 'safeserve_breaker_state{policy="admin-b",state="closed"} 1.0' in text
-        assert 'safeserve_request_duration_seconds_count{policy="admin-a"} 1.0' in text
+        assert 'safeserve_call_duration_seconds_count{policy="admin-a"} 1.0' in text
         assert 'safeserve_log_dropped_records_total{policy="admin-a"} 0.0' in text
         admin_router(guards)  # a second registry for the same guards is fine
+
+    def test_every_route_request_is_in_the_latency_histogram_once(self) -> None:
+        """Served, failed and refused by the open breaker: each request counted once."""
+        guard = ss.guard(policy("every", breaker=TRIP))(Model().answer)
+        app = build_app(Model("crash"), {"/predict": guard}, guards=[guard], token=TOKEN)
+        for _ in range(4):  # two failures open the breaker, which refuses the next two
+            post(app, body=BIG)
+        assert guard.breaker.state == "open"
+        text = run(app, ("GET", "/safeserve/metrics", {}))[0].text
+        assert 'safeserve_call_duration_seconds_count{policy="every"} 4.0' in text
+        assert 'safeserve_calls_total{policy="every",served_by="rules"} 4.0' in text
+
+    def test_decorated_functions_have_latency_and_confidence_histograms(self) -> None:
+        """A guarded function exported by the admin router: every call's latency, and the
+        confidence of every answer its check read (a low one included)."""
+        answers = iter([0.97, 0.42, 0.93])
+
+        def model(x: dict[str, Any]) -> dict[str, Any]:
+            return {"label": "ok", "confidence": next(answers)}
+
+        confident = ss.guard(
+            name="confident",
+            confidence=ss.ConfidenceConfig(threshold=0.8),
+            fallbacks=[ss.Fallback.static("default", {"label": "review"})],
+        )(model)
+        app = FastAPI()
+        app.include_router(admin_router([confident], token=TOKEN))
+        served = [confident({"a": 1})["label"] for _ in range(3)]
+        assert served == ["ok", "review", "ok"]
+        text = run(app, ("GET", "/safeserve/metrics", {}))[0].text
+        assert 'safeserve_call_duration_seconds_count{policy="confident"} 3.0' in text
+        assert 'safeserve_confidence_count{policy="confident"} 3.0' in text
+        assert 'safeserve_confidence_bucket{le="0.5",policy="confident"} 1.0' in text
+        assert 'safeserve_confidence_bucket{le="0.95",policy="confident"} 2.0' in text
+        assert 'safeserve_confidence_sum{policy="confident"} 2.32' in text
+
+    def test_guards_made_after_a_router_for_all_guards_have_histograms(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """admin_router() without a list exports every guard, those made later too; until a
+        router exports a guard, it keeps no histograms (its calls pay nothing for them)."""
+        monkeypatch.setattr(registry, "histograms_everywhere", False)
+        before = ss.guard(name="before")(lambda x: x)
+        assert before.histograms is None
+        app = FastAPI()
+        app.include_router(admin_router(token=TOKEN))
+        later = ss.guard(name="later")(lambda x: x)
+        before(1), later(1), later(2)
+        text = run(app, ("GET", "/safeserve/metrics", {}))[0].text
+        assert 'safeserve_call_duration_seconds_count{policy="before"} 1.0' in text
+        assert 'safeserve_call_duration_seconds_count{policy="later"} 2.0' in text
 
     def test_metrics_count_records_the_sink_refused(self) -> None:
         """A sink shared by two guards that refuses records is one counter, labelled by sink."""

@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 from safeserve import registry
 from safeserve.breaker import DISABLED, FORCED_OPEN, HALF_OPEN, METRICS_ONLY, OPEN
 from safeserve.guard import Guard
-from safeserve.integrations.middleware import LATENCY_BUCKETS, route_latency
+from safeserve.histograms import CONFIDENCE_BUCKETS, LATENCY_BUCKETS, Histogram
 
 _COUNTERS = {
     "calls": ("Guarded calls by how they were served", ["policy", "served_by"]),
@@ -76,7 +76,8 @@ class _Collector(Collector):
     def collect(self) -> Iterator[Metric]:
         counts: dict[str, Counter[tuple[str, ...]]] = {name: Counter() for name in _COUNTERS}
         states: dict[str, str] = {}
-        latency: dict[str, tuple[list[int], float]] = {}
+        latency: dict[str, list[Histogram]] = {}
+        confidence: dict[str, list[Histogram]] = {}
         writers = {id(w): w for g in self.guards() if (w := g.policy_writer()) is not None}
         for w in writers.values():  # a sink shared by guards is counted once
             counts["log_write_failures"][(w.name,)] = w.failed
@@ -88,11 +89,11 @@ class _Collector(Collector):
             counts["log_dropped_records"][(g.name,)] += stats["dropped_records"]
             if states.get(g.name) not in (OPEN, FORCED_OPEN):
                 states[g.name] = stats["breaker_state"]
-            h = route_latency(g)
+            h = g.histograms
             if h is not None:
-                buckets, total = latency.get(g.name, ([0] * len(h.counts), 0.0))
-                summed = [a + b for a, b in zip(buckets, h.counts, strict=True)]
-                latency[g.name] = (summed, total + h.total_s)
+                latency.setdefault(g.name, []).append(h.latency)
+                if g.policy.confidence is not None:
+                    confidence.setdefault(g.name, []).append(h.confidence)
         for name, (documentation, labels) in _COUNTERS.items():
             counter = CounterMetricFamily(f"safeserve_{name}", documentation, labels=labels)
             for values, n in counts[name].items():
@@ -105,14 +106,33 @@ class _Collector(Collector):
             for s in _STATES:
                 gauge.add_metric([policy, s], float(s == state))
         yield gauge
-        histogram = HistogramMetricFamily(
-            "safeserve_request_duration_seconds", "Guarded route latency", labels=["policy"]
+        yield _histogram(
+            "safeserve_call_duration_seconds",
+            "Guarded calls and routes, from the call to its answer (a fallback's included)",
+            LATENCY_BUCKETS,
+            latency,
         )
-        bounds = (*map(str, LATENCY_BUCKETS), "+Inf")
-        for policy, (buckets, total) in latency.items():
-            cumulative = itertools.accumulate(buckets)
-            histogram.add_metric([policy], list(zip(bounds, cumulative, strict=True)), total)
-        yield histogram
+        yield _histogram(
+            "safeserve_confidence",
+            "The confidence of the primary's answers, where the policy checks one",
+            CONFIDENCE_BUCKETS,
+            confidence,
+        )
+
+
+def _histogram(
+    name: str, documentation: str, bounds: tuple[float, ...], by_policy: dict[str, list[Histogram]]
+) -> HistogramMetricFamily:
+    """Guards sharing a name summed under one `policy` label."""
+    family = HistogramMetricFamily(name, documentation, labels=["policy"])
+    les = (*map(str, bounds), "+Inf")
+    for policy, histograms in by_policy.items():
+        counts = [sum(column) for column in zip(*(h.counts for h in histograms), strict=True)]
+        total = sum(h.total for h in histograms)
+        family.add_metric(
+            [policy], list(zip(les, itertools.accumulate(counts), strict=True)), total
+        )
+    return family
 
 
 def _refusal(authorization: str | None, token: str | None) -> JSONResponse | None:
@@ -136,6 +156,11 @@ def admin_router(
     without a configured token it always answers 403.
     """
     fixed = list(guards) if guards is not None else None
+    if fixed is None:
+        registry.collect_histograms_everywhere()
+    else:
+        for g in fixed:
+            g.collect_histograms()
 
     def chosen() -> list[Guard]:
         return fixed if fixed is not None else registry.live_guards()

@@ -13,7 +13,6 @@ import asyncio
 import json
 import math
 import re
-import weakref
 from bisect import bisect_left
 from collections.abc import Awaitable, Mapping
 from threading import get_ident
@@ -41,35 +40,10 @@ _JSON = (b"content-type", b"application/json")
 _set_noted = _outcomes.set
 _current_task = asyncio.current_task
 _reset_noted = _outcomes.reset
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class EndpointError(Exception):
     """The endpoint answered with a 5xx status, or returned without answering."""
-
-
-class LatencyHistogram:
-    """Latencies of one guarded route's requests, in Prometheus buckets (read at scrape time):
-    from the request's arrival to its response start, or to the endpoint's failure."""
-
-    __slots__ = ("counts", "total_s")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.total_s = 0.0
-
-    def add(self, latency_s: float) -> None:
-        self.counts[bisect_left(LATENCY_BUCKETS, latency_s)] += 1
-        self.total_s += latency_s
-
-
-# Latency of the guards a middleware serves, for the metrics route; written at setup only.
-_latencies: weakref.WeakKeyDictionary[Guard, LatencyHistogram] = weakref.WeakKeyDictionary()
-
-
-def route_latency(guard: Guard) -> LatencyHistogram | None:
-    """The latency histogram of the routes `guard` serves (None if it serves none)."""
-    return _latencies.get(guard)
 
 
 class _Route:
@@ -81,7 +55,7 @@ class _Route:
     def __init__(self, app: ASGIApp, guard: Guard, max_body: int) -> None:
         self.app = app
         self.guard = guard
-        self.latency = _latencies.setdefault(guard, LatencyHistogram())
+        self.latency = guard.collect_histograms().latency
         self.max_body = max_body
         self.deadlines: dict[int, Deadlines] = {}  # by thread, see safeserve.deadlines
 
@@ -328,9 +302,7 @@ class _Responder:
                 if p.bulkhead is not None:
                     p.bulkhead.release()
             self.state = _DROPPED
-            latency = perf_counter() - self.t0
-            route.latency.add(latency)
-            attempts = [failed_attempt(failure, latency)]
+            attempts = [failed_attempt(failure, perf_counter() - self.t0)]
             d = guard._primary_failed(p, failure, (), {}, 0, permit, self.t0, attempts)
             await self.fall_back(d, notices)
         finally:
@@ -342,7 +314,7 @@ class _Responder:
         guard = self.route.guard
         d = Degradation(guard._p, (None,), {}, 0, guard.breaker.state_of(self.permit), [])
         d.flagged = True
-        guard._finish(d, None, "primary", self.t0, False, notices)
+        guard._finish(d, None, "primary", self.t0, False, notices, timed=False)  # timed at start
 
     def expire(self) -> None:
         """The deadline passed before the response started: drop the endpoint's messages and
@@ -413,9 +385,9 @@ class _Responder:
         else:  # a 4xx is the endpoint's answer, neither success nor failure
             breaker.release(self.permit)
         next(guard._healthy_count)
-        histogram = route.latency  # LatencyHistogram.add, inline
-        histogram.counts[bisect_left(LATENCY_BUCKETS, latency)] += 1
-        histogram.total_s += latency
+        histogram = route.latency  # Histogram.add, inline
+        histogram.counts[bisect_left(histogram.bounds, latency)] += 1
+        histogram.total += latency
         if guard._p.tracer is not None:  # OpenTelemetry (`log.trace`): annotate the request span
             guard._trace_healthy(guard._p.tracer, self.permit, self.t0)
         _add_headers(message, _noted_headers(self.noted) if self.noted else _HEALTHY)

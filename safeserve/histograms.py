@@ -1,0 +1,40 @@
+"""Latency and confidence histograms of a guard, in Prometheus buckets, read at scrape time.
+
+A guard keeps them only once something exports them (`Guard.collect_histograms`, which the
+admin router and the middleware call): until then a call pays nothing for them.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+
+# seconds, as prometheus_client's default buckets, from a millisecond
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+class Histogram:
+    """Counts per bucket (`counts[i]`: values <= bounds[i]; the last: above every bound) and
+    their sum. Written without a lock: a rare lost increment is a scrape's rounding."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def add(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+
+class Histograms:
+    """A guard's: the latency of every call (from its start to its answer, a fallback's
+    included) and the confidence the primary's answers had, where a check reads one."""
+
+    __slots__ = ("confidence", "latency")
+
+    def __init__(self) -> None:
+        self.latency = Histogram(LATENCY_BUCKETS)
+        self.confidence = Histogram(CONFIDENCE_BUCKETS)

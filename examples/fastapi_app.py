@@ -1,6 +1,6 @@
 """A FastAPI service guarded by safeserve: copy it and replace the model.
 
-    pip install "safeserve[fastapi]"
+    pip install -e ".[fastapi]"    # from the repository's root
     SAFESERVE_ADMIN_TOKEN=change-me uvicorn examples.fastapi_app:app --port 8000
 
     curl -s localhost:8000/predict -H 'content-type: application/json' \\

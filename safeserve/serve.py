@@ -13,6 +13,7 @@ Needs the `fastapi` extra.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
@@ -88,7 +89,8 @@ def build_app(
     """The app for a policies file: one guarded predict route per policy with a model.
 
     Raises `PolicyError` for a bad file (`NothingToServe` when no policy names a model) and
-    `OSError` when it cannot be read. `app.state.unserved` lists the policies without a model.
+    `OSError` when it cannot be read. `app.state.unserved` lists the policies without a model,
+    `app.state.guards` the guards of those with one.
     """
     policies = load_policies(policies_path, allowed_modules=allowed_modules)
     served = {name: policy for name, policy in policies.items() if policy.model is not None}
@@ -110,6 +112,7 @@ def build_app(
         if schema is not None:
             schemas[schema.__name__] = schema
         _add_route(app, name, guarded, schema, max_body_bytes)
+    app.state.guards = guards
     app.include_router(admin_router(guards, token=admin_token))
     _document_schemas(app, schemas)
     return app
@@ -127,6 +130,12 @@ def _add_route(
     needs_object = schema is None
 
     async def predict(request: Request) -> JSONResponse:
+        response = await answer(request)
+        if "x-safeserve-served-by" not in response.headers:  # refused before the model
+            response.headers.update(_headers(None, False))
+        return response
+
+    async def answer(request: Request) -> JSONResponse:
         refused = _refusal(request, max_body_bytes)
         if refused is not None:
             return refused
@@ -134,7 +143,7 @@ def _add_route(
         if body is None:
             return _refused("body_too_large", 413)
         try:
-            x = json.loads(body)
+            x = json.loads(body, parse_constant=_not_json)
         except RecursionError:
             return _invalid_input([Problem("$", "not valid JSON: nested too deeply")])
         except json.JSONDecodeError as err:  # its msg is the parser's, never the input
@@ -148,10 +157,10 @@ def _add_route(
                 outcome = await guarded.call(x)
             else:
                 outcome = await run_in_threadpool(guarded.call, x)
-        except InputRejected as err:
-            return _invalid_input(err.problems)
+        except InputRejected as err:  # the guard's decision, degraded on its record
+            return _invalid_input(err.problems, _headers(None, True))
         except NoFallbackAvailable:
-            retry = max(1, round(guarded.breaker.retry_after_s()))
+            retry = max(1, math.ceil(guarded.breaker.retry_after_s()))
             return JSONResponse(
                 {"error": "unavailable", "policy": name},
                 503,
@@ -185,6 +194,11 @@ def _add_route(
             503: {"model": Unavailable, "description": "Nothing could answer; see Retry-After"},
         },
     )
+
+
+def _not_json(constant: str) -> Any:
+    """NaN and Infinity, which Python's parser takes and JSON does not have."""
+    raise json.JSONDecodeError(f"{constant} is not JSON", constant, 0)
 
 
 def _describe(policy: Policy) -> str:
@@ -252,9 +266,11 @@ async def _read_body(request: Request, max_body_bytes: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _invalid_input(problems: Sequence[Problem]) -> JSONResponse:
+def _invalid_input(
+    problems: Sequence[Problem], headers: Mapping[str, str] | None = None
+) -> JSONResponse:
     listed = [{"loc": p.loc, "message": p.message} for p in problems]
-    return JSONResponse({"error": "invalid_input", "problems": listed}, 422)
+    return JSONResponse({"error": "invalid_input", "problems": listed}, 422, headers=headers)
 
 
 def _refused(error: str, status: int) -> JSONResponse:

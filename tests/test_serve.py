@@ -249,6 +249,27 @@ class TestInvalidInput:
         assert r.json() == {"error": "unavailable", "policy": "bare"}
         assert r.headers["X-SafeServe-Served-By"] == "none"
 
+    def test_retry_after_is_never_shorter_than_the_breaker_stays_open(
+        self, policy_file: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """2.2 s left open: come back in 3 s, not 2."""
+        app = build_app(policy_file("fallback"))
+        (bare,) = [g for g in app.state.guards if g.name == "bare"]
+        bare.open()
+        monkeypatch.setattr(bare.breaker, "retry_after_s", lambda: 2.2)
+        r = request(app, "POST", "/v1/models/bare/predict", json=TXN)
+        assert (r.status_code, r.headers["Retry-After"]) == (503, "3")
+
+    def test_rejected_input_says_nothing_served_it(self, policy_file: Any) -> None:
+        """A 422 of on_invalid=reject carries the headers of its (degraded) decision."""
+        app = build_app(policy_file("reject"))
+        r = request(app, "POST", "/v1/models/fraud/predict", json=BAD_TXN)
+        assert r.status_code == 422
+        assert (r.headers["X-SafeServe-Served-By"], r.headers["X-SafeServe-Degraded"]) == (
+            "none",
+            "true",
+        )
+
     def test_flag_gives_the_primary_the_raw_body(self, policy_file: Any) -> None:
         app = build_app(policy_file("flag"))
         body = {"amount": 5, "country": "DE", "card_number": CARD}
@@ -359,6 +380,20 @@ class TestRequestsRefused:
             )
             assert r.status_code == 415
             assert r.json() == {"error": "unsupported_media_type"}
+            assert (r.headers["X-SafeServe-Served-By"], r.headers["X-SafeServe-Degraded"]) == (
+                "none",
+                "false",
+            )
+
+    @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+    def test_nan_and_infinity_are_not_json(self, constant: str) -> None:
+        """Python's parser takes them; JSON has no such numbers, so the model never sees one."""
+        app = build_app(POLICIES)
+        content = b'{"amount": %s, "country": "DE"}' % constant.encode()
+        headers = {"content-type": "application/json"}
+        r = request(app, "POST", "/v1/models/fraud/predict", content=content, headers=headers)
+        problems = assert_clean_422(r, "DE")
+        assert problems == [{"loc": "$", "message": f"not valid JSON: {constant} is not JSON"}]
 
     def test_json_variants_and_no_content_type_are_read_as_json(self) -> None:
         app = build_app(POLICIES)

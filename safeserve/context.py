@@ -24,8 +24,10 @@ current: ContextVar[Noted | None] = ContextVar("safeserve_outcomes", default=Non
 armed = False
 
 
+# A healthy call notes HEALTHY into an empty collection, inline in the guards' healthy paths:
+# `noted = current_get(); if noted is not None and not noted: noted.append(HEALTHY)`.
 HEALTHY = ("primary", False)
-current_get = current.get  # for the guards' healthy path: one call, no attribute lookup
+current_get = current.get
 
 
 def note(served_by: str | None, degraded: bool) -> None:
@@ -33,14 +35,6 @@ def note(served_by: str | None, degraded: bool) -> None:
     noted = current.get()
     if noted is not None:
         noted.append((served_by, degraded))
-
-
-def note_healthy() -> None:
-    """Record a healthy call in the current collection, if it holds nothing yet (the guards'
-    fast path inlines this)."""
-    noted = current_get()
-    if noted is not None and not noted:
-        noted.append(HEALTHY)
 
 
 @contextmanager

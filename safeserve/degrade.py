@@ -19,7 +19,9 @@ from typing import Any
 
 from safeserve.breaker import REJECTED, Breaker
 from safeserve.confidence import ConfidenceCheck
-from safeserve.context import note, note_healthy
+from safeserve.context import HEALTHY as _HEALTHY
+from safeserve.context import current_get as _noted
+from safeserve.context import note
 from safeserve.decisions import Outcome, RawAttempt, RawReason, Record, describe_error
 from safeserve.errors import InputRejected, NoFallbackAvailable, Overloaded, PolicyError
 from safeserve.fallbacks import FallbackStep, NoAnswer
@@ -317,7 +319,9 @@ class DegradationPath:
         next(self._healthy_count)
         if p.hist is not None:
             p.hist.latency.add(latency)
-        note_healthy()
+        noted = _noted()  # a healthy call, noted once (see context)
+        if noted is not None and not noted:
+            noted.append(_HEALTHY)
         sampled = bool(p.sample_rate) and random() < p.sample_rate
         if not (sampled or want):
             if p.tracer is not None:

@@ -150,7 +150,7 @@ class Guard(DegradationPath):
             next(self._healthy_count)
             if p.hist is not None:
                 p.hist.latency.add(latency)
-            noted = _noted()  # context.note_healthy(), inline
+            noted = _noted()  # a healthy call, noted once (see context)
             if noted is not None and not noted:
                 noted.append(_HEALTHY)
             return value

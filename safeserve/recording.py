@@ -65,6 +65,12 @@ _QUOTES = frozenset("\"'\\")  # characters a repr or JSON escapes in printable A
 _PANDAS_CELLS = 10_000  # a larger DataFrame is recorded as "<DataFrame>", not cell by cell
 
 
+def not_json(constant: str) -> Any:
+    """`json.loads(..., parse_constant=not_json)`: NaN and Infinity, which Python's parser
+    takes and JSON does not have, are a parse error."""
+    raise json.JSONDecodeError(f"{constant} is not JSON", constant, 0)
+
+
 def json_safe(value: Any, depth: int = 0) -> Any:
     """A JSON-serialisable copy of `value` (numpy, pydantic, sets, non-finite floats handled)."""
     if value is None or isinstance(value, bool | int | str):

@@ -36,6 +36,7 @@ from safeserve.errors import InputRejected, NoFallbackAvailable, PolicyError, Pr
 from safeserve.guard import AsyncGuard, Guard
 from safeserve.integrations.admin import admin_router
 from safeserve.policy import Policy
+from safeserve.recording import not_json
 from safeserve.validation import field_names, problems_of
 
 POLICIES_ENV = "SAFESERVE_POLICIES"
@@ -143,7 +144,7 @@ def _add_route(
         if body is None:
             return _refused("body_too_large", 413)
         try:
-            x = json.loads(body, parse_constant=_not_json)
+            x = json.loads(body, parse_constant=not_json)
         except RecursionError:
             return _invalid_input([Problem("$", "not valid JSON: nested too deeply")])
         except json.JSONDecodeError as err:  # its msg is the parser's, never the input
@@ -194,11 +195,6 @@ def _add_route(
             503: {"model": Unavailable, "description": "Nothing could answer; see Retry-After"},
         },
     )
-
-
-def _not_json(constant: str) -> Any:
-    """NaN and Infinity, which Python's parser takes and JSON does not have."""
-    raise json.JSONDecodeError(f"{constant} is not JSON", constant, 0)
 
 
 def _describe(policy: Policy) -> str:

@@ -204,6 +204,24 @@ class TestGuardedRoute:
         assert headers_of(item) == ("primary", "false")
         assert headers_of(stream) == (None, None)
 
+    def test_a_fallback_gets_none_for_a_body_that_is_not_json(self) -> None:
+        """NaN, which Python's parser would take, is not JSON: the fallback gets None."""
+        got: list[Any] = []
+
+        def backup(x: Any) -> dict[str, Any]:
+            got.append(x)
+            return {"label": "backup"}
+
+        model = Model("crash")
+        app = build_app(
+            model, {"/predict": policy("nan", fallbacks=[ss.Fallback.model("b", backup)])}
+        )
+        headers = {"content-type": "application/json"}
+        for body in (b'{"amount": NaN}', b'{"amount": 5}'):
+            r = run(app, ("POST", "/predict", {"content": body, "headers": headers}))[0]
+            assert (r.status_code, r.json()) == (200, {"label": "backup"})
+        assert got == [None, {"amount": 5}]
+
     def test_routes_stay_guarded_behind_a_root_path(self) -> None:
         """Behind a proxy prefix (root_path "/api"), "/predict" and "/items/{item_id}" are the
         paths the app routes on, and are guarded."""

@@ -30,6 +30,7 @@ from safeserve.degrade import Degradation, failed_attempt
 from safeserve.errors import AttemptTimeout, NoFallbackAvailable
 from safeserve.guard import AsyncGuard, Guard
 from safeserve.policy import Policy
+from safeserve.recording import not_json
 
 SERVED_BY = b"x-safeserve-served-by"
 DEGRADED = b"x-safeserve-degraded"
@@ -409,7 +410,7 @@ class _Responder:
         if len(body) > self.route.max_body or self.body_size > self.route.max_body:
             return None
         try:
-            return json.loads(body) if body else None
+            return json.loads(body, parse_constant=not_json) if body else None
         except ValueError:
             return None
 

@@ -7,6 +7,7 @@ stages or wholly on the new ones.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from time import perf_counter
@@ -114,8 +115,10 @@ class Pipeline:
         self.attempt_timeout = policy.retry.attempt_timeout_s if policy.retry else None
         self.has_deadline = bool(self.timeout_s or self.attempt_timeout)
         self.pool = self._pool(policy, is_async, previous)
-        # async calls' deadlines, by thread (safeserve.deadlines); kept over a reload
-        self.deadlines: dict[int, Deadlines] = previous.deadlines if previous is not None else {}
+        # async calls' deadlines, by event loop (safeserve.deadlines); kept over a reload
+        self.deadlines: dict[asyncio.AbstractEventLoop, Deadlines] = (
+            previous.deadlines if previous is not None else {}
+        )
         self.bulkhead = (
             threading.BoundedSemaphore(policy.max_concurrent) if policy.max_concurrent else None
         )

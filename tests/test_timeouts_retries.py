@@ -1,8 +1,11 @@
 """Timeouts and retries: abandoned sync calls, cancelled async calls, one deadline per call."""
 
 import asyncio
+import gc
+import multiprocessing
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -253,6 +256,175 @@ class TestAsyncTimeout:
         out, elapsed = asyncio.run(main())
         assert elapsed < 1.0
         assert (out.decision.served_by, codes(out.decision)) == ("static", ["timeout"])
+
+
+class TestDeadlineQueue:
+    """An async guard's time budgets share one timer per event loop (safeserve.deadlines):
+    the cases where one timer for many calls could get a deadline wrong."""
+
+    sleeper = staticmethod(TestAsyncTimeout.sleeper)
+
+    @staticmethod
+    def timed_call(g: Any, x: dict[str, Any]) -> Any:
+        async def call() -> tuple[Any, float]:
+            start = time.monotonic()
+            out = await g.call(x)
+            return out, time.monotonic() - start
+
+        return call()
+
+    def test_shorter_budget_after_the_queue_emptied_is_honoured(self) -> None:
+        """The queue's timer waits for a finished call's 3 s deadline; a call under a budget
+        reloaded to 0.1 s still stops at 0.1 s."""
+
+        async def predict(x: dict) -> dict:
+            await asyncio.sleep(x["s"])
+            return {"label": "ok"}
+
+        g = ss.guard(name="emptied", timeout_s=3.0, fallbacks=[ss.Fallback.static("s", STATIC)])(
+            predict
+        )
+
+        async def main() -> tuple[Any, float]:
+            await g({"s": 0})
+            g.reload(g.policy.model_copy(update={"timeout_s": 0.1}))
+            return await self.timed_call(g, {"s": 10})
+
+        out, elapsed = asyncio.run(main())
+        assert elapsed < 1.0
+        assert codes(out.decision) == ["timeout"]
+
+    def test_retry_with_less_time_left_stops_at_the_calls_deadline(self) -> None:
+        """A retry with 50 ms of the call's budget left, queued behind a later deadline of a
+        call that has finished, still ends the call at its 1 s budget."""
+
+        async def predict(x: dict) -> dict:
+            if x["who"] == "R":
+                x["who"] = "R2"
+                raise ConnectionError("transient")
+            if x["who"] == "R2":
+                await asyncio.sleep(10)
+            return {"label": "ok"}
+
+        retry = ss.RetryConfig(
+            attempts=2,
+            backoff_s=0.95,
+            jitter=False,
+            attempt_timeout_s=0.9,
+            retry_on=[ConnectionError],
+        )
+        fallbacks = [ss.Fallback.static("static", STATIC)]
+        g = ss.guard(name="late-retry", timeout_s=1.0, retry=retry, fallbacks=fallbacks)(predict)
+
+        async def main() -> tuple[Any, float]:
+            start = time.monotonic()
+            r = asyncio.create_task(g.call({"who": "R"}))
+            await asyncio.sleep(0.92)
+            await g({"who": "C"})  # a fast call: deadline at +1.82 s, the queue's timer with it
+            return await r, time.monotonic() - start
+
+        out, elapsed = asyncio.run(main())
+        assert elapsed < 1.4
+        assert out.decision.served_by == "static"
+
+    def test_a_timer_that_fires_early_cuts_nothing_short(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Woken half a millisecond before the deadline (uvloop's timers are millisecond-
+        grained), the queue expires nothing and waits again; at the deadline it expires."""
+        from safeserve import deadlines
+
+        clock = [100.0]
+        monkeypatch.setattr(deadlines, "perf_counter", lambda: clock[0])
+
+        class Call:
+            state, deadline, expired = 0, 0.0, False
+
+            def expire(self) -> None:
+                self.expired = True
+
+        async def main() -> list[bool]:
+            d = deadlines.Deadlines(asyncio.get_running_loop())
+            call = Call()
+            d.watch(call, 100.0005)
+            seen = []
+            for now in (100.0, 100.0005):
+                clock[0] = now
+                d.check()  # the timer, early, then on time
+                seen.append(call.expired)
+            return seen
+
+        assert asyncio.run(main()) == [False, True]
+
+    def test_a_forked_child_times_its_own_calls(self) -> None:
+        """A process forked while the parent's loop runs (multiprocessing's 'fork', started
+        from async code) times its calls on its own loop."""
+        g = self.sleeper("forked", 0.1)
+        ctx = multiprocessing.get_context("fork")
+        answers = ctx.SimpleQueue()
+
+        def child() -> None:
+            async def call() -> None:
+                out = await g.call({})
+                answers.put(out.decision.served_by)
+
+            asyncio.run(asyncio.wait_for(call(), 3))
+
+        async def main() -> int:
+            task = asyncio.create_task(g.call({}))  # the parent's queue, in use
+            await asyncio.sleep(0.01)
+            process = ctx.Process(target=child)
+            process.start()
+            await asyncio.get_running_loop().run_in_executor(None, process.join, 10)
+            await task
+            return process.exitcode if process.exitcode is not None else -1
+
+        assert asyncio.run(main()) == 0
+        assert answers.get() == "static"
+
+    def test_a_loop_moved_to_another_thread_times_nothing_here(self) -> None:
+        """A loop first run here, then run by another thread: this thread's next loop times
+        its own calls (on its own task)."""
+        g = self.sleeper("moved", 0.1)
+        moved = asyncio.new_event_loop()
+        moved.run_until_complete(g.call({}))  # this thread's queue, for `moved`
+        thread = threading.Thread(target=moved.run_forever, daemon=True)
+        thread.start()
+        try:
+            out, elapsed = asyncio.run(self.timed_call(g, {}))
+        finally:
+            moved.call_soon_threadsafe(moved.stop)
+            thread.join(5)
+            moved.close()
+        assert elapsed < 1.0
+        assert codes(out.decision) == ["timeout"]
+
+    def test_a_queue_does_not_keep_finished_calls_alive(self) -> None:
+        """Calls that have ended are not held (nor what they returned) until the queue next
+        looks at them."""
+
+        class Answer:
+            pass
+
+        answers: list[weakref.ref[Answer]] = []
+
+        async def predict(x: dict) -> Answer:
+            await asyncio.sleep(0.01)  # all 50 in flight at once, then all done
+            answer = Answer()
+            answers.append(weakref.ref(answer))
+            return answer
+
+        g = ss.guard(name="kept", timeout_s=60.0)(predict)
+
+        async def main() -> int:
+            tasks = [asyncio.create_task(g({})) for _ in range(50)]
+            for task in tasks:
+                await task
+            del tasks, task
+            gc.collect()
+            return sum(ref() is not None for ref in answers)
+
+        assert asyncio.run(main()) <= 1  # the last may linger in asyncio's own bookkeeping
 
 
 def counting_model(exc_sequence: list[BaseException | None]) -> Any:

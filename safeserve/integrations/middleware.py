@@ -15,7 +15,6 @@ import math
 import re
 from bisect import bisect_left
 from collections.abc import Awaitable, Mapping
-from threading import get_ident
 from time import perf_counter
 from typing import Any
 
@@ -58,7 +57,7 @@ class _Route:
         self.guard = guard
         self.latency = guard.collect_histograms().latency
         self.max_body = max_body
-        self.deadlines: dict[int, Deadlines] = {}  # by thread, see safeserve.deadlines
+        self.deadlines: dict[asyncio.AbstractEventLoop, Deadlines] = {}
 
 
 def _guard_for(target: Policy | Guard, path: str) -> Guard:
@@ -271,10 +270,9 @@ class _Responder:
             budget = p.timeout_s
             try:
                 if budget is not None:
-                    deadlines = route.deadlines.get(get_ident())
-                    if deadlines is None or not deadlines.loop.is_running():
-                        deadlines = new_deadlines(route.deadlines)
-                    self.task = _current_task(deadlines.loop)
+                    loop = asyncio.get_running_loop()
+                    self.task = _current_task(loop)
+                    deadlines = route.deadlines.get(loop) or new_deadlines(route.deadlines, loop)
                     deadlines.watch(self, self.t0 + budget)
                 app = route.app
                 await app(scope, self.receive_tee, self.send_checked)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any, get_args, is_typeddict
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from pydantic import BaseModel, ValidationError
-from pydantic_core.core_schema import ErrorType
+from pydantic import AliasChoices, AliasPath, BaseModel, ValidationError
+from typing_extensions import is_typeddict
 
 from safeserve.errors import Problem
 
@@ -46,56 +47,118 @@ class SchemaValidator:
         try:
             value = self.schema.model_validate(x)
         except ValidationError as err:
-            errors = err.errors(include_input=False, include_url=False, include_context=False)
+            errors = err.errors(include_input=False, include_url=False)
             raise Invalid(problems_of(errors, self.names)) from None
         return value if self.keep_model else value.model_dump()
 
 
 def problems_of(errors: Iterable[Mapping[str, Any]], names: frozenset[str]) -> list[Problem]:
     """One `Problem` per pydantic error, holding nothing the client sent (it may be personal
-    data): a location part that is not one of the schema's field names (an unexpected key, a
-    dict's key) reads "*"; a message a validator wrote (which may quote the value) gives way to
-    a fixed one; a parser's detail that quotes a character it found is cut."""
+    data): a location part that is not one of the schema's names (an unexpected key, a dict's
+    key) reads "*"; the message is pydantic's own template for the error's type, filled with
+    what the schema says (bounds, patterns, expected values), never with what was found; a
+    validator's own text gives way to a fixed one."""
     out = []
     for e in errors:
-        loc = ".".join(str(p) if type(p) is int or p in names else "*" for p in e["loc"]) or "$"
-        out.append(Problem(loc=loc, message=_clean_message(str(e["type"]), str(e["msg"]))))
+        parts = e.get("loc", ())
+        loc = ".".join(str(p) if type(p) is int or p in names else "*" for p in parts) or "$"
+        message = _clean_message(str(e.get("type", "")), e.get("ctx") or {})
+        out.append(Problem(loc=loc, message=message))
     return out
 
 
-_PYDANTIC_TYPES = frozenset(get_args(ErrorType))
+def _templates() -> dict[str, str]:
+    try:
+        from pydantic_core._pydantic_core import list_all_errors
+    except ImportError:  # moved: every message is then the fixed one
+        return {}
+    return {e["type"]: e["message_template_python"] for e in list_all_errors()}
+
+
+_TEMPLATES = _templates()
 _AUTHORED = frozenset({"value_error", "assertion_error"})  # the text is the validator's
+# what an error's context holds that the schema, not the client, decided
+_SCHEMA_SAYS = frozenset(
+    {
+        "gt", "ge", "lt", "le", "multiple_of", "min_length", "max_length", "expected_plural",
+        "actual_length", "pattern", "expected", "class_name", "class", "field_type",
+        "max_digits", "decimal_places", "whole_digits", "expected_schemes", "expected_version",
+        "discriminator", "expected_tags", "encoding", "method_name", "tz_expected",
+    }
+)  # fmt: skip
+# parsers whose `error` is their own fixed text ("invalid character in year"), not the input's
+_OWN_ERROR = frozenset(
+    {
+        "json_invalid", "date_parsing", "date_from_datetime_parsing", "time_parsing",
+        "datetime_parsing", "datetime_from_date_parsing", "time_delta_parsing", "url_parsing",
+        "url_syntax_violation",
+    }
+)  # fmt: skip
+_COUNTS = ("min_length", "max_length", "max_digits", "decimal_places", "whole_digits")
+_PLACEHOLDER = re.compile(r"(, |: )?\{(\w+)\}")
 
 
-def _clean_message(kind: str, message: str) -> str:
-    if kind in _AUTHORED or kind not in _PYDANTIC_TYPES:
+def _clean_message(kind: str, ctx: Mapping[str, Any]) -> str:
+    """Pydantic's template for `kind` with the schema's values filled in: a value from the
+    input ends the message if it ends it (", {error}"), else reads "*"."""
+    template = _TEMPLATES.get(kind)
+    if template is None or kind in _AUTHORED:  # custom error types too
         return f"rejected by a validator ({kind})"
-    if kind.endswith("_parsing") and "found" in message:  # uuid: "found `S` at 1"
-        return message.partition(", ")[0]
-    return message
+
+    def fill(m: re.Match[str]) -> str:
+        lead, key = m.group(1) or "", m.group(2)
+        if key == "expected_plural":  # pydantic derives it from the bound it follows
+            bound = next((ctx[k] for k in _COUNTS if k in ctx), None)
+            return "" if bound == 1 else "s"
+        if key not in ctx:
+            raise KeyError(key)
+        if key in _SCHEMA_SAYS or (key == "error" and kind in _OWN_ERROR):
+            return f"{lead}{ctx[key]}"
+        return "" if lead and m.end() == len(template) else f"{lead}*"
+
+    try:
+        return _PLACEHOLDER.sub(fill, template)
+    except KeyError:  # a custom error reusing a built-in type's name
+        return f"rejected by a validator ({kind})"
 
 
 def field_names(*annotations: Any) -> frozenset[str]:
-    """The field names and aliases of every model, dataclass and TypedDict reachable from
-    `annotations`, and pydantic's own marker for a dict's key: what an error's location may
-    say (besides list indexes) without quoting the client's keys."""
+    """The names an error's location may show without quoting the client's keys (besides
+    list indexes): the field names and aliases of every model, dataclass and TypedDict
+    reachable from `annotations`, their class names and literal values (a union's member, a
+    tagged union's tag), and pydantic's own marker for a dict's key."""
     names: set[str] = {"[key]"}
     seen: set[int] = set()
+
+    def alias_names(alias: Any) -> list[str]:
+        if isinstance(alias, str):
+            return [alias]
+        if isinstance(alias, AliasChoices):
+            return [n for choice in alias.choices for n in alias_names(choice)]
+        if isinstance(alias, AliasPath):
+            return [str(p) for p in alias.path if isinstance(p, str)]
+        return []
 
     def walk(tp: Any) -> None:
         if id(tp) in seen:
             return
         seen.add(id(tp))
         fields: dict[str, Any] = {}
-        if isinstance(tp, type) and issubclass(tp, BaseModel):
-            for name, f in tp.model_fields.items():
-                names.update(a for a in (f.alias, f.validation_alias) if isinstance(a, str))
+        pydantic_fields = getattr(tp, "__pydantic_fields__", None)  # models, pydantic dataclasses
+        if isinstance(tp, type) and isinstance(pydantic_fields, dict):
+            for name, f in pydantic_fields.items():
+                names.update(alias_names(f.alias) + alias_names(f.validation_alias))
                 fields[name] = f.annotation
-        elif dataclasses.is_dataclass(tp) and isinstance(tp, type):
-            fields = {f.name: f.type for f in dataclasses.fields(tp)}
-        elif is_typeddict(tp):
-            fields = dict(getattr(tp, "__annotations__", {}))
+        elif isinstance(tp, type) and (dataclasses.is_dataclass(tp) or is_typeddict(tp)):
+            try:
+                fields = get_type_hints(tp)
+            except Exception:  # an unresolvable forward reference: the names, untyped
+                fields = dict.fromkeys(getattr(tp, "__annotations__", {}))
+        if isinstance(tp, type) and fields:
+            names.add(tp.__name__)
         names.update(fields)
+        if get_origin(tp) is Literal:
+            names.update(str(a) for a in get_args(tp))
         for sub in (*fields.values(), *get_args(tp)):
             walk(sub)
 

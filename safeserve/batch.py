@@ -47,12 +47,15 @@ def run_batch(guard: Guard, rows: Any, feature_names: list[str] | None) -> Batch
     """`predict.batch(rows)` on a sync guard."""
     p = guard._p
     if not p.policy.batch:
-        out = row_by_row(guard, rows, feature_names)
+        out = row_by_row(guard, rows, feature_names)  # each row a call, in the histogram too
     else:
+        t0 = perf_counter()
         b = BatchRun(guard, rows, feature_names)
         _drive(b.primary(b.valid_rows()), lambda call: _call_sync(b, call))
         _drive(b.fallbacks(), _answer_sync)
         out = b.outcome()
+        if p.hist is not None:  # the model's call is the batch: one latency
+            p.hist.latency.add(perf_counter() - t0)
     if p.tracer is not None:
         p.tracer.batch(out)  # the batch's summary on the current span
     return out
@@ -147,7 +150,10 @@ async def run_batch_async(guard: Guard, rows: Any, feature_names: list[str] | No
     if not p.policy.batch:
         out = await row_by_row_async(guard, rows, feature_names)
     else:
+        t0 = perf_counter()
         out = await _batch_async(guard, rows, feature_names)
+        if p.hist is not None:
+            p.hist.latency.add(perf_counter() - t0)
     if p.tracer is not None:
         p.tracer.batch(out)
     return out

@@ -19,6 +19,7 @@ import itertools
 import threading
 from collections import deque
 from collections.abc import Callable
+from math import isfinite
 from time import perf_counter
 from typing import Any
 
@@ -137,7 +138,7 @@ class Guard(DegradationPath):
         check = p.confidence
         if check is not None:
             conf = check.extract(value)
-            if p.hist is not None and conf is not None:
+            if p.hist is not None and conf is not None and isfinite(conf):
                 p.hist.confidence.add(conf)
             if conf is None or not check.threshold <= conf <= 1.0:
                 d = self._low_confidence(
@@ -419,7 +420,7 @@ class AsyncGuard(Guard):
         check = p.confidence
         if check is not None:
             conf = check.extract(value)
-            if p.hist is not None and conf is not None:
+            if p.hist is not None and conf is not None and isfinite(conf):
                 p.hist.confidence.add(conf)
             if conf is None or not check.threshold <= conf <= 1.0:
                 d = self._low_confidence(

@@ -65,10 +65,22 @@ _QUOTES = frozenset("\"'\\")  # characters a repr or JSON escapes in printable A
 _PANDAS_CELLS = 10_000  # a larger DataFrame is recorded as "<DataFrame>", not cell by cell
 
 
-def not_json(constant: str) -> Any:
-    """`json.loads(..., parse_constant=not_json)`: NaN and Infinity, which Python's parser
-    takes and JSON does not have, are a parse error."""
+def loads_json(text: str | bytes) -> Any:
+    """`json.loads`, but what JSON has no number for is an error (`json.JSONDecodeError`):
+    NaN and Infinity, which Python's parser takes, and numbers too large for a float (1e999),
+    which it reads as infinity."""
+    return json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
+
+
+def _not_json(constant: str) -> Any:
     raise json.JSONDecodeError(f"{constant} is not JSON", constant, 0)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise json.JSONDecodeError("a number too large for a float", text, 0)
+    return value
 
 
 def json_safe(value: Any, depth: int = 0) -> Any:

@@ -36,7 +36,7 @@ from safeserve.errors import InputRejected, NoFallbackAvailable, PolicyError, Pr
 from safeserve.guard import AsyncGuard, Guard
 from safeserve.integrations.admin import admin_router
 from safeserve.policy import Policy
-from safeserve.recording import not_json
+from safeserve.recording import loads_json
 from safeserve.validation import field_names, problems_of
 
 POLICIES_ENV = "SAFESERVE_POLICIES"
@@ -144,7 +144,7 @@ def _add_route(
         if body is None:
             return _refused("body_too_large", 413)
         try:
-            x = json.loads(body, parse_constant=not_json)
+            x = loads_json(body)
         except RecursionError:
             return _invalid_input([Problem("$", "not valid JSON: nested too deeply")])
         except json.JSONDecodeError as err:  # its msg is the parser's, never the input

@@ -205,22 +205,25 @@ class TestGuardedRoute:
         assert headers_of(stream) == (None, None)
 
     def test_a_fallback_gets_none_for_a_body_that_is_not_json(self) -> None:
-        """NaN, which Python's parser would take, is not JSON: the fallback gets None."""
+        """NaN and 1e999, which Python's parser would take as floats, are not JSON, and a body
+        nested past the parser's depth cannot be read: the fallback gets None for each."""
         got: list[Any] = []
 
         def backup(x: Any) -> dict[str, Any]:
             got.append(x)
             return {"label": "backup"}
 
-        model = Model("crash")
-        app = build_app(
-            model, {"/predict": policy("nan", fallbacks=[ss.Fallback.model("b", backup)])}
-        )
-        headers = {"content-type": "application/json"}
-        for body in (b'{"amount": NaN}', b'{"amount": 5}'):
-            r = run(app, ("POST", "/predict", {"content": body, "headers": headers}))[0]
+        async def failing(scope: Any, receive: Any, send: Any) -> None:  # reads no body
+            await send({"type": "http.response.start", "status": 500, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        fallbacks = [ss.Fallback.model("b", backup)]
+        app = SafeServeMiddleware(failing, routes={"/predict": policy("nan", fallbacks=fallbacks)})
+        deep = b"[" * 100_000 + b"]" * 100_000
+        for body in (b'{"amount": NaN}', b'{"amount": 1e999}', deep, b'{"amount": 5}'):
+            r = run(app, ("POST", "/predict", {"content": body}))[0]  # type: ignore[arg-type]
             assert (r.status_code, r.json()) == (200, {"label": "backup"})
-        assert got == [None, {"amount": 5}]
+        assert got == [None, None, None, {"amount": 5}]
 
     def test_routes_stay_guarded_behind_a_root_path(self) -> None:
         """Behind a proxy prefix (root_path "/api"), "/predict" and "/items/{item_id}" are the
@@ -459,6 +462,28 @@ class TestAdminRoutes:
         assert 'safeserve_confidence_bucket{le="0.5",policy="confident"} 1.0' in text
         assert 'safeserve_confidence_bucket{le="0.95",policy="confident"} 2.0' in text
         assert 'safeserve_confidence_sum{policy="confident"} 2.32' in text
+
+    def test_a_confidence_that_is_not_a_number_stays_out_of_the_histogram(self) -> None:
+        """A NaN confidence (the check degrades the call) would make the histogram's sum NaN
+        for good: it is left out, and later confidences add up."""
+        answers = iter(["nan", "0.9"])  # the answer itself is finite: its extractor is not
+        nan_guard = ss.guard(
+            name="nan-confidence",
+            confidence=ss.ConfidenceConfig(threshold=0.5, extract=lambda a: float(a["p"])),
+            fallbacks=[ss.Fallback.static("default", {"label": "review"})],
+        )(lambda x: {"label": "ok", "p": next(answers)})
+        histograms = nan_guard.collect_histograms()
+        assert [nan_guard({})["label"] for _ in range(2)] == ["review", "ok"]
+        assert (sum(histograms.confidence.counts), histograms.confidence.total) == (1, 0.9)
+        assert sum(histograms.latency.counts) == 2
+
+    def test_a_batch_policy_times_each_batch_once(self) -> None:
+        """With batch=True the model's call is the batch: one latency per batch."""
+        vectorised = ss.guard(name="vectorised", batch=True)(lambda rows: [r["a"] for r in rows])
+        histograms = vectorised.collect_histograms()
+        vectorised.batch([{"a": 1}, {"a": 2}, {"a": 3}])
+        vectorised.batch([{"a": 4}])
+        assert (vectorised.stats()["calls"], sum(histograms.latency.counts)) == (4, 2)
 
     def test_guards_made_after_a_router_for_all_guards_have_histograms(
         self, monkeypatch: pytest.MonkeyPatch

@@ -18,6 +18,7 @@ from uuid import UUID
 import httpx
 import pytest
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, field_validator
 
 import safeserve.serve as serve_module
@@ -385,15 +386,38 @@ class TestRequestsRefused:
                 "false",
             )
 
-    @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
-    def test_nan_and_infinity_are_not_json(self, constant: str) -> None:
-        """Python's parser takes them; JSON has no such numbers, so the model never sees one."""
+    @pytest.mark.parametrize(
+        ("number", "why"),
+        [
+            ("NaN", "NaN is not JSON"),
+            ("Infinity", "Infinity is not JSON"),
+            ("-Infinity", "-Infinity is not JSON"),
+            ("1e999", "a number too large for a float"),
+            ("-1e400", "a number too large for a float"),
+        ],
+    )
+    def test_numbers_json_has_not_are_refused(self, number: str, why: str) -> None:
+        """Python's parser takes them (1e999 as infinity); JSON has no such numbers, so the
+        model never sees one."""
         app = build_app(POLICIES)
-        content = b'{"amount": %s, "country": "DE"}' % constant.encode()
+        content = b'{"amount": %s, "country": "DE"}' % number.encode()
         headers = {"content-type": "application/json"}
         r = request(app, "POST", "/v1/models/fraud/predict", content=content, headers=headers)
-        problems = assert_clean_422(r, "DE")
-        assert problems == [{"loc": "$", "message": f"not valid JSON: {constant} is not JSON"}]
+        problems = assert_clean_422(r, "DE", "999", "400")
+        assert problems == [{"loc": "$", "message": f"not valid JSON: {why}"}]
+
+    def test_a_validation_error_raised_by_the_app_itself_is_a_clean_422(self) -> None:
+        """An endpoint that raises FastAPI's RequestValidationError with bare errors (no type,
+        no message) gets the clean shape, not a 500."""
+        app = FastAPI()
+        install_error_handlers(app)
+
+        @app.get("/raises")
+        def raises() -> None:
+            raise RequestValidationError([{"loc": ("query", "x"), "msg": "SECRET-9"}])
+
+        problems = assert_clean_422(request(app, "GET", "/raises"), "SECRET")
+        assert problems == [{"loc": "query.*", "message": "rejected by a validator ()"}]
 
     def test_json_variants_and_no_content_type_are_read_as_json(self) -> None:
         app = build_app(POLICIES)

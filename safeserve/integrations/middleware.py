@@ -29,7 +29,7 @@ from safeserve.degrade import Degradation, failed_attempt
 from safeserve.errors import AttemptTimeout, NoFallbackAvailable
 from safeserve.guard import AsyncGuard, Guard
 from safeserve.policy import Policy
-from safeserve.recording import not_json
+from safeserve.recording import loads_json
 
 SERVED_BY = b"x-safeserve-served-by"
 DEGRADED = b"x-safeserve-degraded"
@@ -408,8 +408,8 @@ class _Responder:
         if len(body) > self.route.max_body or self.body_size > self.route.max_body:
             return None
         try:
-            return json.loads(body, parse_constant=not_json) if body else None
-        except ValueError:
+            return loads_json(body) if body else None
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
             return None
 
     async def fall_back(self, d: Degradation, notices: list[RawReason] | None) -> None:

@@ -23,11 +23,11 @@ from safeserve.batch_fallbacks import Answered, FallbackCall
 from safeserve.batch_plain import row_by_row, row_by_row_async
 from safeserve.batch_rows import BatchOutcome
 from safeserve.breaker import REJECTED
+from safeserve.deadlines import await_watched
 from safeserve.decisions import RawAttempt, RawReason
 from safeserve.degrade import failed_attempt, ms
 from safeserve.errors import Overloaded
 from safeserve.fallbacks import ModelStep
-from safeserve.timeouts import await_within
 
 if TYPE_CHECKING:
     from safeserve.guard import Guard
@@ -189,7 +189,7 @@ async def _call_async(b: BatchRun, call: Call) -> Tried | RawReason:
         return _NO_SLOT
     t = perf_counter()
     try:
-        value = await await_within(p.fn(batch), p.attempt_limit(b.deadline))
+        value = await await_watched(p.deadlines, p.fn(batch), p.attempt_limit(b.deadline))
     except asyncio.CancelledError:
         guard.breaker.release(permit)
         raise
@@ -200,7 +200,9 @@ async def _call_async(b: BatchRun, call: Call) -> Tried | RawReason:
             async def attempt() -> Any:
                 ta = perf_counter()
                 try:
-                    answer = await await_within(p.fn(batch), p.attempt_limit(b.deadline))
+                    answer = await await_watched(
+                        p.deadlines, p.fn(batch), p.attempt_limit(b.deadline)
+                    )
                 except Exception as failure:
                     attempts.append(failed_attempt(failure, perf_counter() - ta))
                     raise

@@ -10,7 +10,6 @@ refuses new calls (`Overloaded`) instead of growing without bound.
 from __future__ import annotations
 
 import _thread
-import asyncio
 import threading
 from collections.abc import Callable
 from queue import SimpleQueue
@@ -143,17 +142,3 @@ class WorkerPool:
             job.done.release()
             if retire:
                 return
-
-
-async def await_within(coro: Any, limit: float) -> Any:
-    """Await `coro` for at most `limit` seconds (`AttemptTimeout` after); `inf`: no limit."""
-    if limit == float("inf"):
-        return await coro
-    if limit <= 0:
-        coro.close()
-        raise AttemptTimeout("no time left for the call")
-    try:
-        async with asyncio.timeout(limit):
-            return await coro
-    except TimeoutError:
-        raise AttemptTimeout(f"no answer within {limit * 1000:.0f} ms") from None

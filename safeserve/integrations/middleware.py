@@ -38,8 +38,8 @@ _JSON = (b"content-type", b"application/json")
 # Called through module-level names: in Python 3.11 a method called on an imported name, or on
 # an attribute holding a callable, is looked up on every call instead of specialized.
 _set_noted = _outcomes.set
-_current_task = asyncio.current_task
 _reset_noted = _outcomes.reset
+_current_task = asyncio.current_task
 
 
 class EndpointError(Exception):
@@ -199,7 +199,7 @@ async def _annotated(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -
 # The time budget still applies below _SETTLED and no longer from it on.
 _WAITING = 0  # the response start is checked when it comes
 _FAILING = 1  # dropped: a 5xx start, from an endpoint still running under its time budget
-_SETTLED = SETTLED  # 2
+_SETTLED = SETTLED  # 2, the deadline queue's own
 _STARTED = 2  # passed on: the endpoint's answer stands
 _DROPPED = 3  # dropped: the endpoint ended (or failed) without a response; a fallback answers
 _EXPIRED = 4  # dropped: the time budget ran out before the response started

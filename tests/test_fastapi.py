@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
+import json
 import time
+import weakref
 from collections.abc import MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -126,6 +129,46 @@ class TestGuardedRoute:
             ({"label": "review"}, ("rules", "true"))
         ] * 4
         assert [d.reasons[0].code for d in guard.decisions()] == ["timeout"] * 4
+
+    @pytest.mark.parametrize("mode", ["ok", "crash"])
+    def test_answered_request_is_let_go_before_its_deadline(self, mode: str) -> None:
+        """Under a long time budget, a request's body is released once it is answered (by the
+        endpoint or a fallback), not held until the budget ends."""
+
+        class Message(dict[str, Any]):  # a dict that can be weakly referenced
+            pass
+
+        model = Model(mode)
+        app = build_app(model, {"/predict": policy(f"let-go-{mode}", timeout_s=60.0)})
+        scope: dict[str, Any] = {"type": "http", "method": "POST", "path": "/predict"}
+        scope |= {"query_string": b"", "root_path": "", "http_version": "1.1"}
+        scope["headers"] = [(b"content-type", b"application/json")]
+        sent: list[MutableMapping[str, Any]] = []
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            sent.append(message)
+
+        async def serve_one() -> weakref.ref[Message]:
+            body = json.dumps(BIG).encode()
+            message = Message(type="http.request", body=body, more_body=False)
+            messages = [message]
+
+            async def receive() -> dict[str, Any]:
+                return messages.pop() if messages else {"type": "http.disconnect"}
+
+            await app(scope, receive, send)
+            return weakref.ref(message)
+
+        async def main() -> bool:
+            ref = await serve_one()
+            gc.collect()
+            return ref() is None  # asked while the budget's timer is still pending
+
+        assert asyncio.run(main())
+        start = sent[0]
+        assert start["status"] == 200
+        degraded = dict(start["headers"])[b"x-safeserve-degraded"]
+        assert degraded == (b"true" if mode == "crash" else b"false")
 
     def test_4xx_passes_through_and_is_not_a_failure(self) -> None:
         """404 and 422 answers reach the client untouched and do not count against the breaker."""

@@ -307,6 +307,8 @@ class _Responder:
         finally:
             if token is not None:
                 _reset_noted(token)
+            if self.deadline:  # the queue may hold this settled request until its deadline
+                self.first = self.chunks = self.task = None
 
     def served_with(self, notices: list[RawReason]) -> None:
         """Served by the endpoint, but a notice (e.g. store_unavailable) goes on the record."""

@@ -32,7 +32,8 @@ Two loads, one after the other:
 
 First, the same apps are called in this process through ASGI with in-memory messages (no
 server, no sockets): the middleware's own time per request, free of the network's and the
-scheduler's noise that dominates single rounds on a shared machine.
+scheduler's noise that dominates single rounds on a shared machine, and the number of Python
+bytecodes a request runs, which no load can move.
 
     python bench/fastapi.py [--requests 48000] [--concurrency 32] [--rounds 16]
                             [--load 0.25 0.5] [--quick]
@@ -180,64 +181,112 @@ HEADERS = [(b"x-safeserve-served-by", b"primary"), (b"x-safeserve-degraded", b"f
 DEGRADED = [(b"x-safeserve-served-by", b"default"), (b"x-safeserve-degraded", b"true")]
 
 
+class InProcess:
+    """The variants' apps called through ASGI in this process, with in-memory messages (no
+    server, no sockets); each variant's process state (`context.armed`) set as in its server."""
+
+    def __init__(self) -> None:
+        self.apps = {v: build_app(v) for v in VARIANTS}
+        self.request = {"type": "http.request", "body": BODY, "more_body": False}
+        self.scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.4"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/predict",
+            "raw_path": b"/predict",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", b"%d" % len(BODY)),
+            ],
+            "client": ("127.0.0.1", 50000),
+            "server": ("127.0.0.1", 8000),
+            "state": {},
+        }
+        self.statuses: set[int] = set()
+        self.loop = new_loop()
+
+    async def receive(self) -> dict[str, Any]:
+        return self.request
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.statuses.add(message["status"])
+
+    async def serve(self, app: Any, n: int) -> float:
+        """Seconds for `n` requests."""
+        scope, receive, send = self.scope, self.receive, self.send
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await app(dict(scope), receive, send)
+        return time.perf_counter() - t0
+
+    def run(self, variant: str, n: int) -> float:
+        from safeserve import context
+
+        context.armed = variant == "guarded+helper"  # as in the variant's own process
+        return self.loop.run_until_complete(self.serve(self.apps[variant], n))
+
+    def check(self) -> None:
+        if self.statuses != {200}:
+            raise RuntimeError(f"unexpected statuses: {sorted(self.statuses)}")
+
+    def close(self) -> None:
+        self.loop.close()
+
+
 def in_process(repeats: int, requests: int = 2000) -> dict[str, float]:
     """µs per request with the app called directly: `repeats` runs of `requests` per variant,
     in a new random order each time; the lower quartile of the runs, which load elsewhere on
     the machine can only raise."""
-    from safeserve import context
-
-    apps = {v: build_app(v) for v in VARIANTS}
-    request = {"type": "http.request", "body": BODY, "more_body": False}
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/predict",
-        "raw_path": b"/predict",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(BODY))],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-        "state": {},
-    }
-    statuses: list[int] = []
-
-    async def receive() -> dict[str, Any]:
-        return request
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            statuses.append(message["status"])
-
-    async def run(app: Any, n: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            await app(dict(scope), receive, send)
-        return (time.perf_counter() - t0) / n * 1e6
-
-    def run_as(v: str, n: int) -> float:
-        context.armed = v == "guarded+helper"  # as in the variant's own process
-        return loop.run_until_complete(run(apps[v], n))
-
-    loop = new_loop()
-    order = list(apps)
+    calls = InProcess()
+    order = list(calls.apps)
     shuffle = random.Random(0).shuffle
     try:
-        times: dict[str, list[float]] = {v: [] for v in apps}
-        for v in apps:  # warm-up
-            run_as(v, 2000)
+        times: dict[str, list[float]] = {v: [] for v in order}
+        for v in order:  # warm-up
+            calls.run(v, 2000)
         for _ in range(repeats):
             shuffle(order)
             for v in order:
-                times[v].append(run_as(v, requests))
+                times[v].append(calls.run(v, requests) / requests * 1e6)
     finally:
-        loop.close()
-    if set(statuses) != {200}:
-        raise RuntimeError(f"unexpected statuses: {sorted(set(statuses))}")
+        calls.close()
+    calls.check()
     return {v: statistics.quantiles(t, n=4)[0] for v, t in times.items()}
+
+
+def bytecodes(requests: int = 20) -> dict[str, float]:
+    """Python bytecodes run per request, by variant (after a warm-up that fills the breaker's
+    window): a count the machine's load cannot move."""
+    calls = InProcess()
+    counts: dict[str, float] = {}
+    executed = 0
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal executed
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            executed += 1
+        return trace
+
+    try:
+        for v in calls.apps:
+            calls.run(v, 1000)
+            executed = 0
+            sys.settrace(trace)
+            try:
+                calls.run(v, requests)
+            finally:
+                sys.settrace(None)
+            counts[v] = executed / requests
+    finally:
+        calls.close()
+    calls.check()
+    return counts
 
 
 def new_loop() -> asyncio.AbstractEventLoop:
@@ -557,11 +606,18 @@ def main() -> None:
         args.requests, args.rounds = 12000, 4
     repeats = 10 if args.quick else 40
     inproc = in_process(repeats)
-    print(f"in process (ASGI calls, no server): µs per request, lower quartile of {repeats} runs")
-    bare_us = inproc["bare"]
+    codes = bytecodes()
+    print(
+        f"in process (ASGI calls, no server): µs per request, lower quartile of {repeats} runs; "
+        "Python bytecodes run per request"
+    )
+    bare_us, bare_codes = inproc["bare"], codes["bare"]
     for v, us in inproc.items():
-        extra = "" if v == "bare" else f"  +{us - bare_us:.2f} µs  ({bare_us / us:.1%} of bare)"
-        print(f"  {v:16} {us:6.2f} µs{extra}")
+        line = f"  {v:16} {us:6.2f} µs  {codes[v]:6.0f} bytecodes"
+        if v != "bare":
+            line += f"  +{us - bare_us:.2f} µs ({bare_us / us:.1%} of bare)"
+            line += f"  +{codes[v] - bare_codes:.0f} bytecodes"
+        print(line)
     print()
     asyncio.set_event_loop(new_loop())
     servers = {v: start_server(v) for v in VARIANTS}

@@ -132,40 +132,46 @@ class TestGuardedRoute:
 
     @pytest.mark.parametrize("mode", ["ok", "crash"])
     def test_answered_request_is_let_go_before_its_deadline(self, mode: str) -> None:
-        """Under a long time budget, a request's body is released once it is answered (by the
-        endpoint or a fallback), not held until the budget ends."""
+        """Under a long time budget, a request is let go once it is answered (by the endpoint or
+        a fallback): its body, and the server's request object that `receive` and `send` belong
+        to, are not held until the budget ends."""
 
         class Message(dict[str, Any]):  # a dict that can be weakly referenced
             pass
+
+        class Cycle:
+            """A server's request object (as uvicorn's): its own `receive` and `send`."""
+
+            def __init__(self, message: Message) -> None:
+                self.messages = [message]
+                self.start: MutableMapping[str, Any] = {}
+
+            async def receive(self) -> dict[str, Any]:
+                return self.messages.pop() if self.messages else {"type": "http.disconnect"}
+
+            async def send(self, message: MutableMapping[str, Any]) -> None:
+                if message["type"] == "http.response.start":
+                    self.start = message
 
         model = Model(mode)
         app = build_app(model, {"/predict": policy(f"let-go-{mode}", timeout_s=60.0)})
         scope: dict[str, Any] = {"type": "http", "method": "POST", "path": "/predict"}
         scope |= {"query_string": b"", "root_path": "", "http_version": "1.1"}
         scope["headers"] = [(b"content-type", b"application/json")]
-        sent: list[MutableMapping[str, Any]] = []
 
-        async def send(message: MutableMapping[str, Any]) -> None:
-            sent.append(message)
+        async def serve_one() -> tuple[weakref.ref[Message], weakref.ref[Cycle], Any]:
+            message = Message(type="http.request", body=json.dumps(BIG).encode())
+            cycle = Cycle(message)
+            await app(scope, cycle.receive, cycle.send)
+            return weakref.ref(message), weakref.ref(cycle), cycle.start
 
-        async def serve_one() -> weakref.ref[Message]:
-            body = json.dumps(BIG).encode()
-            message = Message(type="http.request", body=body, more_body=False)
-            messages = [message]
+        async def main() -> tuple[bool, bool, Any]:
+            body, cycle, start = await serve_one()
+            gc.collect()  # asked while the budget's timer is still pending
+            return body() is None, cycle() is None, start
 
-            async def receive() -> dict[str, Any]:
-                return messages.pop() if messages else {"type": "http.disconnect"}
-
-            await app(scope, receive, send)
-            return weakref.ref(message)
-
-        async def main() -> bool:
-            ref = await serve_one()
-            gc.collect()
-            return ref() is None  # asked while the budget's timer is still pending
-
-        assert asyncio.run(main())
-        start = sent[0]
+        body_gone, cycle_gone, start = asyncio.run(main())
+        assert (body_gone, cycle_gone) == (True, True)
         assert start["status"] == 200
         degraded = dict(start["headers"])[b"x-safeserve-degraded"]
         assert degraded == (b"true" if mode == "crash" else b"false")

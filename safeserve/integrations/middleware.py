@@ -103,6 +103,15 @@ async def _dropped() -> None:
     """What `send` awaits for a message the middleware drops."""
 
 
+async def _disconnected() -> Message:
+    """`receive` of a request already answered."""
+    return {"type": "http.disconnect"}
+
+
+async def _discard(message: Message) -> None:
+    """`send` of a request already answered."""
+
+
 def _timeout(budget: float | None) -> AttemptTimeout:
     return AttemptTimeout(f"no response within {(budget or 0) * 1000:.0f} ms")
 
@@ -307,8 +316,10 @@ class _Responder:
         finally:
             if token is not None:
                 _reset_noted(token)
-            if self.deadline:  # the queue may hold this settled request until its deadline
+            if self.deadline:  # the queue may hold this settled request until its deadline:
+                # not its body, task, or the server's request (which `receive`/`send` belong to)
                 self.first = self.chunks = self.task = None
+                self.receive, self.send = _disconnected, _discard
 
     def served_with(self, notices: list[RawReason]) -> None:
         """Served by the endpoint, but a notice (e.g. store_unavailable) goes on the record."""

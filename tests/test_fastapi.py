@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from asgi_app import SECRET, STREAM_CHUNKS, Model, build_app, rules_fallback
+from asgi_app import SECRET, STREAM_CHUNKS, Model, Txn, build_app, rules_fallback
 from fastapi import FastAPI
 from uvicorn_server import UvicornServer, uvicorn_server  # noqa: F401 (fixture)
 
@@ -175,6 +175,63 @@ class TestGuardedRoute:
         assert start["status"] == 200
         degraded = dict(start["headers"])[b"x-safeserve-degraded"]
         assert degraded == (b"true" if mode == "crash" else b"false")
+
+    @pytest.mark.parametrize(("limit", "expected"), [(1 << 20, BIG), (40, None)])
+    @pytest.mark.parametrize("mode", ["crash", "slow"])
+    def test_body_sent_in_parts_reaches_the_fallback_whole(
+        self, mode: str, limit: int, expected: Any
+    ) -> None:
+        """A body in several messages (read by the endpoint, or not read before the deadline)
+        reaches the fallback joined and parsed; over max_body_bytes it reaches it as None."""
+        seen: list[Any] = []
+
+        def fallback(body: Any) -> dict[str, Any]:
+            seen.append(body)
+            return {"label": "from-fallback"}
+
+        model = Model(mode, slow_s=5.0)
+        fallbacks = [ss.Fallback.model("seen", fallback)]
+        guard = ss.guard(policy(f"parts-{mode}-{limit}", timeout_s=0.2, fallbacks=fallbacks))
+        app = FastAPI()
+
+        @app.post("/predict")
+        async def predict(txn: Txn) -> dict[str, Any]:
+            return model.answer(txn)
+
+        @app.post("/predict_unread")
+        async def predict_unread() -> dict[str, Any]:
+            await asyncio.sleep(5.0)  # never reads the body: the fallback does
+            return {}
+
+        routes = {"/predict": guard(model.answer), "/predict_unread": guard(model.answer)}
+        app.add_middleware(SafeServeMiddleware, routes=routes, max_body_bytes=limit)
+        body = json.dumps(BIG).encode()
+        url = "/predict" if mode == "crash" else "/predict_unread"
+
+        async def main() -> dict[str, Any]:
+            parts = [body[:10], body[10:30], body[30:]]
+            started: dict[str, Any] = {}
+
+            async def receive() -> dict[str, Any]:
+                if parts:
+                    return {"type": "http.request", "body": parts.pop(0), "more_body": bool(parts)}
+                await asyncio.sleep(10)
+                return {"type": "http.disconnect"}
+
+            async def send(message: MutableMapping[str, Any]) -> None:
+                if message["type"] == "http.response.start":
+                    started.update(message)
+
+            scope: dict[str, Any] = {"type": "http", "method": "POST", "path": url}
+            scope |= {"query_string": b"", "root_path": "", "http_version": "1.1"}
+            scope["headers"] = [(b"content-type", b"application/json")]
+            await app(scope, receive, send)
+            return started
+
+        start = asyncio.run(main())
+        assert start["status"] == 200
+        assert dict(start["headers"])[b"x-safeserve-served-by"] == b"seen"
+        assert seen == [expected]
 
     def test_4xx_passes_through_and_is_not_a_failure(self) -> None:
         """404 and 422 answers reach the client untouched and do not count against the breaker."""

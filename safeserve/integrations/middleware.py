@@ -34,6 +34,7 @@ from safeserve.recording import loads_json
 SERVED_BY = b"x-safeserve-served-by"
 DEGRADED = b"x-safeserve-degraded"
 _HEALTHY = [(SERVED_BY, b"primary"), (DEGRADED, b"false")]
+_NOTHING_NOTED: Any = ()  # a request's `noted` while nothing can be noted (falsy, never appended)
 _JSON = (b"content-type", b"application/json")
 # Called through module-level names: in Python 3.11 a method called on an imported name, or on
 # an attribute holding a callable, is looked up on every call instead of specialized.
@@ -215,47 +216,56 @@ _EXPIRED = 4  # dropped: the time budget ran out before the response started
 _CANCELLED = 5  # _EXPIRED, and the request's task was cancelled at the deadline
 
 
+class _Rest:
+    """The request's messages after the first (a body sent in parts): kept up to max_body."""
+
+    __slots__ = ("chunks", "done", "size")
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.done = False
+
+
 class _Responder:
     """One guarded request: admission, the endpoint under its time budget, else a fallback.
 
-    A healthy request is accounted for when its response starts (`send_checked`). Slots, all
-    set here: Python 3.11 reads a slot or an instance attribute fast, a class default slowly.
+    A healthy request is accounted for when its response starts (`send_checked`). Slots:
+    Python 3.11 reads a slot or an instance attribute fast, a class default slowly. A request
+    sets only those its way needs: `failed_status` with a 5xx start, `task` and `deadline` under
+    a time budget (`serve`), `rest` with a body in parts.
     """
 
     __slots__ = (
-        "body_done",
-        "body_size",
-        "chunks",
         "deadline",
         "failed_status",
         "first",
         "noted",
         "permit",
         "receive",
+        "rest",
         "route",
         "send",
         "state",
         "t0",
         "task",
     )
+    deadline: float
+    failed_status: int
+    task: asyncio.Task[Any] | None
 
     def __init__(self, route: _Route, receive: Receive, send: Send) -> None:
         self.route = route
         self.receive = receive
         self.send = send
-        self.noted: Noted = []
+        self.noted: Noted = _NOTHING_NOTED  # a list of its own once there is anything to note
         self.t0 = perf_counter()
         self.state = _WAITING
         self.permit = 0
         # the request as the endpoint read it, kept for a fallback: the first message as it is
-        # (usually the whole body), then the bodies of any later ones up to max_body
+        # (usually the whole body), then the bodies of any later ones
         self.first: Message | None = None
-        self.chunks: list[bytes] | None = None
-        self.body_size = 0
-        self.body_done = False
-        self.failed_status = 0
-        self.deadline = 0.0
-        self.task: asyncio.Task[Any] | None = None
+        self.rest: _Rest | None = None
 
     async def serve(self, scope: Scope) -> None:
         """Admit, run the endpoint, then answer from a fallback if it did not answer."""
@@ -263,7 +273,11 @@ class _Responder:
         guard = route.guard
         p = guard._p
         # what context.collect() does, without its cost; `fall_back` collects for itself
-        token = _set_noted(self.noted) if context.armed else None
+        token = None
+        if context.armed:
+            self.noted = []
+            token = _set_noted(self.noted)
+        budget = p.timeout_s
         try:
             if guard.forced is not None:
                 await self.fall_back(guard._drill(p, (), {}, 0), None)
@@ -276,7 +290,6 @@ class _Responder:
                     await self.fall_back(refused, None)
                     return
             self.permit = permit
-            budget = p.timeout_s
             try:
                 if budget is not None:
                     loop = asyncio.get_running_loop()
@@ -302,7 +315,7 @@ class _Responder:
                     return
                 if self.timed_out():  # the endpoint swallowed the cancellation
                     failure = _timeout(budget)
-                elif self.failed_status:
+                elif self.state == _FAILING:
                     failure = EndpointError(f"HTTP {self.failed_status}")
                 else:
                     failure = EndpointError("the endpoint returned without a response")
@@ -316,9 +329,9 @@ class _Responder:
         finally:
             if token is not None:
                 _reset_noted(token)
-            if self.deadline:  # the queue may hold this settled request until its deadline:
+            if budget is not None:  # the queue may hold this settled request until its deadline:
                 # not its body, task, or the server's request (which `receive`/`send` belong to)
-                self.first = self.chunks = self.task = None
+                self.first = self.rest = self.task = None
                 self.receive, self.send = _disconnected, _discard
 
     def served_with(self, notices: list[RawReason]) -> None:
@@ -355,22 +368,25 @@ class _Responder:
         message = await receive()
         if self.first is None:
             self.first = message
-        elif not self.body_done:
+        else:
             self._keep(message)
         return message
 
     def _keep(self, message: Message) -> None:
         """A message after the first: its body is kept, up to max_body."""
+        rest = self.rest
+        if rest is None:
+            rest = self.rest = _Rest()
+        if rest.done:
+            return
         if message["type"] != "http.request":
-            self.body_done = True
+            rest.done = True
             return
         body = message.get("body", b"")
-        self.body_size += len(body)
-        if self.chunks is None:
-            self.chunks = []
-        if self.body_size <= self.route.max_body:
-            self.chunks.append(body)
-        self.body_done = not message.get("more_body", False)
+        rest.size += len(body)
+        if rest.size <= self.route.max_body:
+            rest.chunks.append(body)
+        rest.done = not message.get("more_body", False)
 
     def send_checked(self, message: Message) -> Awaitable[None]:
         """The endpoint's `send`: the response start is checked and accounted, the rest passed
@@ -402,7 +418,9 @@ class _Responder:
         histogram.total += latency
         if guard._p.tracer is not None:  # OpenTelemetry (`log.trace`): annotate the request span
             guard._trace_healthy(guard._p.tracer, self.permit, self.t0)
-        _add_headers(message, _noted_headers(self.noted) if self.noted else _HEALTHY)
+        extra = _noted_headers(self.noted) if self.noted else _HEALTHY
+        headers = message.get("headers", ())  # _add_headers, inline: a call costs a frame here
+        message["headers"] = headers + extra if type(headers) is list else [*headers, *extra]
         return send(message)
 
     async def request_input(self) -> Any:
@@ -412,13 +430,18 @@ class _Responder:
             first = self.first = await self.receive()
         if first["type"] != "http.request":
             return None
+        rest = self.rest
         if first.get("more_body"):
-            while not self.body_done:
+            while rest is None or not rest.done:
                 self._keep(await self.receive())
+                rest = self.rest
         body = first.get("body", b"")
-        if self.chunks:
-            body = b"".join([body, *self.chunks])
-        if len(body) > self.route.max_body or self.body_size > self.route.max_body:
+        size = len(body)
+        if rest is not None:
+            size += rest.size
+            if rest.chunks and size <= self.route.max_body:
+                body = b"".join([body, *rest.chunks])
+        if size > self.route.max_body:
             return None
         try:
             return loads_json(body) if body else None
@@ -429,6 +452,8 @@ class _Responder:
         """Walk the guard's fallbacks with the parsed body; answer 200 JSON, else 503."""
         guard = self.route.guard
         d.args = (await self.request_input(),)
+        if not self.noted:
+            self.noted = []
         token = _set_noted(self.noted)  # the guard notes how it answered
         try:
             value = await guard._fallback_async(d, self.t0, False, notices)

@@ -392,9 +392,9 @@ class _Responder:
         """The endpoint's `send`: the response start is checked and accounted, the rest passed
         on. A plain function returning `send`'s awaitable: one coroutine less per message."""
         state = self.state
-        send = self.send
         if state:
-            return send(message) if state == _STARTED else _dropped()
+            return self.send(message) if state == _STARTED else _dropped()
+        send = self.send
         if message["type"] != "http.response.start":
             return send(message)
         status = message["status"]

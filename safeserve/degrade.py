@@ -328,6 +328,21 @@ class DegradationPath:
                 conf = p.confidence.extract(value) if p.confidence is not None else None
                 self._trace_healthy(p.tracer, permit, t0, conf)
             return value
+        record = self._healthy_record(p, x, value, permit, attempts, latency, t0, sampled)
+        return Outcome(value, record) if want else value
+
+    def _healthy_record(
+        self,
+        p: Pipeline,
+        x: Any,
+        value: Any,
+        permit: int,
+        attempts: list[RawAttempt] | None,
+        latency: float,
+        t0: float,
+        logged: bool,
+    ) -> Record:
+        """The record of a healthy call (sampled, or asked for), and its span annotated."""
         record = Record(
             self.name,
             p.policy.owner,
@@ -337,14 +352,14 @@ class DegradationPath:
             False,
             [],
             primary_attempts(attempts, latency, None),
-            p.confidence.extract(value) if p.confidence is not None else None,
+            p.confidence.extract(value) if p.confidence is not None and value is not None else None,
             self.breaker.state_of(permit),
             ms(perf_counter() - t0),
         )
-        self._emit(p, record, x, value, logged=sampled)
+        self._emit(p, record, x, value, logged=logged)
         if p.tracer is not None:
             p.tracer.record(record)
-        return Outcome(value, record) if want else value
+        return record
 
     def _trace_healthy(
         self, tracer: SpanAnnotator, permit: int, t0: float, confidence: float | None = None

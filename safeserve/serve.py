@@ -12,12 +12,14 @@ Needs the `fastapi` extra.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
 import socket
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -35,6 +37,7 @@ from safeserve.decorator import guard_model
 from safeserve.errors import InputRejected, NoFallbackAvailable, PolicyError, Problem
 from safeserve.guard import AsyncGuard, Guard
 from safeserve.integrations.admin import admin_router
+from safeserve.logwriter import flush_logs
 from safeserve.policy import Policy
 from safeserve.recording import loads_json
 from safeserve.validation import field_names, problems_of
@@ -101,6 +104,7 @@ def build_app(
         title="safeserve",
         description=f"Guarded models from {Path(policies_path).name}",
         version="1",
+        lifespan=_flush_at_shutdown,
     )
     app.state.unserved = [name for name in policies if name not in served]
     install_error_handlers(app)
@@ -117,6 +121,15 @@ def build_app(
     app.include_router(admin_router(guards, token=admin_token))
     _document_schemas(app, schemas)
     return app
+
+
+@asynccontextmanager
+async def _flush_at_shutdown(app: FastAPI) -> AsyncIterator[None]:
+    """Write the queued decision records when the server shuts down. On SIGTERM (what Docker,
+    Kubernetes and systemd send) uvicorn raises the signal again once it has shut down, which
+    ends the process before `atexit` handlers run."""
+    yield
+    await asyncio.to_thread(flush_logs)
 
 
 def _add_route(

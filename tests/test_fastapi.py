@@ -99,6 +99,21 @@ class TestGuardedRoute:
         assert (r.status_code, r.json()) == (200, {"label": "review"})
         assert headers_of(r) == ("rules", "true")
 
+    def test_healthy_requests_are_sampled_with_their_input(self) -> None:
+        """`log.sample_rate` samples a route's healthy requests as it does a function's calls:
+        a record served by the primary, with the request body as input, redacted."""
+        log = ss.DecisionLogConfig(sample_rate=1.0, redact=["card_number"])
+        guard = ss.guard(policy("sampled-route", log=log))(Model().answer)
+        app = build_app(Model(), {"/predict": guard})
+        assert post(app).status_code == 200
+        [record] = guard.decisions()
+        assert (record.served_by, record.degraded, record.reasons) == ("primary", False, [])
+        assert record.inputs == {"amount": 12.0}
+        assert [a.name for a in record.attempts] == ["primary"]
+        unsampled = ss.guard(policy("unsampled-route"))(Model().answer)
+        assert post(build_app(Model(), {"/predict": unsampled})).status_code == 200
+        assert unsampled.decisions() == []
+
     @pytest.mark.parametrize("url", ["/predict", "/predict_sync"])
     def test_slow_endpoint_times_out_and_falls_back(self, url: str) -> None:
         """No response start within timeout_s serves a fallback at the deadline (async and sync)."""
@@ -480,8 +495,8 @@ class TestStreaming:
         assert r.text == "".join(f"chunk-{i}\n" for i in range(STREAM_CHUNKS))
         assert headers_of(r) == ("primary", "false")
 
-    def test_non_http_scopes_go_straight_to_the_app(self) -> None:
-        """Lifespan and websocket scopes reach the app with the same receive and send."""
+    def test_websocket_scopes_go_straight_to_the_app(self) -> None:
+        """Websocket scopes reach the app with the same receive and send."""
         got: list[Any] = []
 
         async def inner(scope: Any, receive: Any, send: Any) -> None:
@@ -489,8 +504,41 @@ class TestStreaming:
 
         middleware = SafeServeMiddleware(inner, routes={"/x": policy("ws")})
         receive, send = object(), object()
-        asyncio.run(middleware({"type": "lifespan"}, receive, send))  # type: ignore[arg-type]
-        assert got == [("lifespan", receive, send)]
+        scope = {"type": "websocket", "path": "/x"}
+        asyncio.run(middleware(scope, receive, send))  # type: ignore[arg-type]
+        assert got == [("websocket", receive, send)]
+
+    def test_shutdown_completes_with_the_decision_log_written(self) -> None:
+        """The app's lifespan runs as it would, and its shutdown completes only once the
+        records queued by then are written (SIGTERM ends uvicorn before `atexit` runs)."""
+        written: list[dict[str, Any]] = []
+
+        def lagging_sink(event: dict[str, Any]) -> None:
+            time.sleep(0.02)
+            written.append(event)
+
+        log = ss.DecisionLogConfig(sink=lagging_sink, sample_rate=1.0)
+        guard = ss.guard(policy("lifespan", log=log))(Model().answer)
+        app = build_app(Model(), {"/predict": guard})
+        startups: list[str] = []
+        app.router.on_startup.append(lambda: startups.append("started"))
+        for i in range(20):
+            assert post(app, body={"amount": float(i)}).status_code == 200
+        events = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+        at_complete: list[tuple[str, int]] = []
+
+        async def receive() -> dict[str, Any]:
+            return events.pop(0)
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            at_complete.append((message["type"], len(written)))
+
+        asyncio.run(app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send))
+        assert startups == ["started"]
+        assert at_complete == [
+            ("lifespan.startup.complete", at_complete[0][1]),
+            ("lifespan.shutdown.complete", 20),
+        ]
 
 
 class TestAdminRoutes:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -621,3 +623,59 @@ def test_safeserve_serve_runs_a_real_uvicorn(tmp_path: Path) -> None:
         stderr = log.read().decode(errors="replace")
         log.close()
     assert "Traceback" not in stderr
+
+
+SLOW_SINK_MODULE = '''
+import json, os, time
+
+def predict(x):
+    return {"label": "approve"}
+
+def slow_sink(event):
+    time.sleep(0.02)  # a sink that lags behind the calls
+    with open(os.environ["RECORDS"], "a") as f:
+        f.write(json.dumps(event) + "\\n")
+'''
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_flushes_the_decision_log(tmp_path: Path, workers: int) -> None:
+    """SIGTERM (what Docker, Kubernetes and systemd send) shuts the server down with every
+    queued decision record written, though the sink lags behind the calls."""
+    (tmp_path / "lagging.py").write_text(SLOW_SINK_MODULE)
+    policies = tmp_path / "policies.yaml"
+    policies.write_text(
+        "policies:\n  m:\n    model: lagging:predict\n"
+        "    log: {sink: 'lagging:slow_sink', sample_rate: 1.0}\n"
+    )
+    records = tmp_path / "records.jsonl"
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}", "RECORDS": str(records)}
+    args = ["serve", str(policies), "--port", str(port), "--workers", str(workers)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "safeserve.cli", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/v1/models/m/predict"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.post(url, json={"amount": 1})
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, "safeserve serve exited"
+                assert time.monotonic() < deadline, "safeserve serve did not start"
+                time.sleep(0.1)
+        with httpx.Client() as client:
+            answers = [client.post(url, json={"amount": i}) for i in range(40)]
+        assert {r.status_code for r in answers} == {200}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+    written = [json.loads(line) for line in records.read_text().splitlines()]
+    decisions = [r for r in written if r.get("kind") == "decision"]
+    assert len(decisions) == 41

@@ -15,6 +15,7 @@ import math
 import re
 from bisect import bisect_left
 from collections.abc import Awaitable, Mapping
+from random import random
 from time import perf_counter
 from typing import Any
 
@@ -28,6 +29,8 @@ from safeserve.decisions import RawReason, json_safe
 from safeserve.degrade import Degradation, failed_attempt
 from safeserve.errors import AttemptTimeout, NoFallbackAvailable
 from safeserve.guard import AsyncGuard, Guard
+from safeserve.logwriter import flush_logs
+from safeserve.pipeline import Pipeline
 from safeserve.policy import Policy
 from safeserve.recording import loads_json
 
@@ -176,6 +179,8 @@ class SafeServeMiddleware:
                 return _Responder(route, receive, send).serve(scope)
             if self.annotate_unlisted and context.armed:
                 return _annotated(self.app, scope, receive, send)
+        elif scope["type"] == "lifespan":
+            return _lifespan(self.app, scope, receive, send)
         return self.app(scope, receive, send)
 
     # ASGI servers tell ASGI 3 apps by `asyncio.iscoroutinefunction(app.__call__)`
@@ -187,6 +192,18 @@ def _route_path(path: str, root_path: str) -> str:
     if path.startswith(root_path) and path[len(root_path) : len(root_path) + 1] in ("/", ""):
         return path[len(root_path) :]
     return path
+
+
+async def _lifespan(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """The app's lifespan, with the queued decision records written before shutdown completes:
+    on SIGTERM uvicorn raises the signal again once shut down, before `atexit` handlers run."""
+
+    async def send_flushed(message: Message) -> None:
+        if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+            await asyncio.to_thread(flush_logs)
+        await send(message)
+
+    await app(scope, receive, send_flushed)
 
 
 async def _annotated(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
@@ -416,25 +433,42 @@ class _Responder:
         histogram = route.latency  # Histogram.add, inline
         histogram.counts[bisect_left(histogram.bounds, latency)] += 1
         histogram.total += latency
-        if guard._p.tracer is not None:  # OpenTelemetry (`log.trace`): annotate the request span
-            guard._trace_healthy(guard._p.tracer, self.permit, self.t0)
+        p = guard._p
+        if not p.plain_healthy:  # a sample to record (`log.sample_rate`), a span to annotate
+            self.healthy_extras(p, latency)
         extra = _noted_headers(self.noted) if self.noted else _HEALTHY
         headers = message.get("headers", ())  # _add_headers, inline: a call costs a frame here
         message["headers"] = headers + extra if type(headers) is list else [*headers, *extra]
         return send(message)
+
+    def healthy_extras(self, p: Pipeline, latency: float) -> None:
+        """A healthy answer's record, when sampled (its input: the body, if the endpoint read it
+        all), and its span annotated (`log.trace`)."""
+        guard = self.route.guard
+        if p.sample_rate and random() < p.sample_rate:
+            first = self.first
+            done = first is None or not first.get("more_body") or (self.rest and self.rest.done)
+            x = self.parsed_body() if done else None
+            guard._healthy_record(p, x, None, self.permit, None, latency, self.t0, True)
+        elif p.tracer is not None:  # OpenTelemetry (`log.trace`): annotate the request span
+            guard._trace_healthy(p.tracer, self.permit, self.t0)
 
     async def request_input(self) -> Any:
         """The request body as parsed JSON (None when absent, too large or not JSON)."""
         first = self.first
         if first is None:  # the endpoint did not run, or read nothing
             first = self.first = await self.receive()
-        if first["type"] != "http.request":
+        if first["type"] == "http.request" and first.get("more_body"):
+            while self.rest is None or not self.rest.done:
+                self._keep(await self.receive())
+        return self.parsed_body()
+
+    def parsed_body(self) -> Any:
+        """The body read so far as parsed JSON (None when absent, too large or not JSON)."""
+        first = self.first
+        if first is None or first["type"] != "http.request":
             return None
         rest = self.rest
-        if first.get("more_body"):
-            while rest is None or not rest.done:
-                self._keep(await self.receive())
-                rest = self.rest
         body = first.get("body", b"")
         size = len(body)
         if rest is not None:

@@ -17,7 +17,8 @@ from typing import Any
 import httpx
 import pytest
 from asgi_app import SECRET, STREAM_CHUNKS, Model, Txn, build_app, rules_fallback
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from starlette.requests import ClientDisconnect
 from uvicorn_server import UvicornServer, uvicorn_server  # noqa: F401 (fixture)
 
 import safeserve as ss
@@ -247,6 +248,38 @@ class TestGuardedRoute:
         assert start["status"] == 200
         assert dict(start["headers"])[b"x-safeserve-served-by"] == b"seen"
         assert seen == [expected]
+
+    def test_client_leaving_mid_upload_is_not_a_failure(self) -> None:
+        """A client that disconnects before its body is read (starlette's ClientDisconnect)
+        is not the endpoint's failure: no record, no breaker failure, the breaker stays closed."""
+        guard = ss.guard(policy("left", breaker=TRIP))(Model().answer)
+        app = FastAPI()
+
+        @app.post("/predict")
+        async def raw(request: Request) -> dict[str, Any]:
+            return {"size": len(await request.body())}  # raises ClientDisconnect
+
+        app.add_middleware(SafeServeMiddleware, routes={"/predict": guard})
+        scope: dict[str, Any] = {"type": "http", "method": "POST", "path": "/predict"}
+        scope |= {"query_string": b"", "root_path": "", "http_version": "1.1"}
+        scope["headers"] = [(b"content-type", b"application/json")]
+
+        async def leave() -> dict[str, Any]:
+            return {"type": "http.disconnect"}
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            pass
+
+        async def main() -> None:
+            for _ in range(6):
+                with pytest.raises(ClientDisconnect):
+                    await app(scope, leave, send)
+
+        asyncio.run(main())
+        assert guard.breaker.state == "closed"
+        assert guard.breaker.figures()["failures"] == 0
+        assert guard.decisions() == []
+        assert headers_of(post(app)) == ("primary", "false")
 
     def test_4xx_passes_through_and_is_not_a_failure(self) -> None:
         """404 and 422 answers reach the client untouched and do not count against the breaker."""

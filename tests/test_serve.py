@@ -625,7 +625,7 @@ def test_safeserve_serve_runs_a_real_uvicorn(tmp_path: Path) -> None:
     assert "Traceback" not in stderr
 
 
-SLOW_SINK_MODULE = '''
+SLOW_SINK_MODULE = """
 import json, os, time
 
 def predict(x):
@@ -635,7 +635,7 @@ def slow_sink(event):
     time.sleep(0.02)  # a sink that lags behind the calls
     with open(os.environ["RECORDS"], "a") as f:
         f.write(json.dumps(event) + "\\n")
-'''
+"""
 
 
 @pytest.mark.parametrize("workers", [1, 2])

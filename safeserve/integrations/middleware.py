@@ -19,6 +19,7 @@ from random import random
 from time import perf_counter
 from typing import Any
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from safeserve import context
@@ -324,6 +325,10 @@ class _Responder:
             except Exception as exc:
                 if self.state == _STARTED:
                     raise  # a streamed response failed midway: too late for a fallback
+                if isinstance(exc, ClientDisconnect):  # the client left mid-upload: no outcome
+                    guard.breaker.release(permit)
+                    self.state = _DROPPED
+                    raise
                 failure = exc
             else:
                 if self.state == _STARTED:  # served by the endpoint, counted at its start

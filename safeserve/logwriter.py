@@ -51,6 +51,21 @@ def _serializer() -> Callable[..., bytes]:
     return orjson_dumps
 
 
+def _valid_unicode(value: Any) -> Any:
+    """`value` with every string (keys too) encodable as UTF-8: lone surrogates become U+FFFD."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return value
+    if isinstance(value, dict):
+        return {_valid_unicode(k): _valid_unicode(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_valid_unicode(v) for v in value]
+    return value
+
+
 class LogWriter:
     """Writes records to one sink from a background thread, never blocking the caller."""
 
@@ -172,12 +187,21 @@ class LogWriter:
         for record in batch:
             try:
                 self._pending.append(self._render(record.to_record()))
-            except Exception as exc:  # a record that cannot be rendered must not stop the log
-                bad = _DropsRecord(1, f"unrenderable: {type(exc).__name__}")
-                self._pending.append(self._render(bad.to_record()))
+            except Exception:  # e.g. a lone surrogate ("\ud800") sent in a JSON body
+                self._render_scrubbed(record)
         lost = self._emit()
         if lost:
             self.failed += lost
+
+    def _render_scrubbed(self, record: Any) -> None:
+        """A record that failed to render, again with its strings made valid Unicode (U+FFFD
+        for what is not); if even that fails, a drops record in its place, counted as lost."""
+        try:
+            self._pending.append(self._render(_valid_unicode(record.to_record())))
+        except Exception as exc:  # a record that cannot be rendered must not stop the log
+            self.failed += 1
+            bad = _DropsRecord(1, f"unrenderable: {type(exc).__name__}")
+            self._pending.append(self._render(bad.to_record()))
 
     @property
     def name(self) -> str:

@@ -70,6 +70,19 @@ class Unavailable(BaseModel):
     policy: str
 
 
+class _Answer(JSONResponse):
+    """A model's answer as JSON. A string JSON allows but UTF-8 cannot hold (a lone surrogate,
+    e.g. an id the client sent as "\\ud800" and the model echoed) is sent escaped, as JSON
+    writes it, rather than failing the response."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            text = json.dumps(content, allow_nan=False, separators=(",", ":"))  # ASCII, escaped
+            return text.encode()
+
+
 class NothingToServe(PolicyError):
     """No policy in the file names a model; `unserved` lists them all."""
 
@@ -108,6 +121,7 @@ def build_app(
     )
     app.state.unserved = [name for name in policies if name not in served]
     install_error_handlers(app)
+    app.add_exception_handler(Exception, _internal_error_answered)
     guards: list[Guard] = []
     schemas: dict[str, type[BaseModel]] = {}
     for name, policy in served.items():
@@ -181,7 +195,7 @@ def _add_route(
                 headers={"Retry-After": str(retry), **_headers(None, True)},
             )
         d = outcome.decision
-        return JSONResponse(json_safe(outcome.value), headers=_headers(d.served_by, d.degraded))
+        return _Answer(json_safe(outcome.value), headers=_headers(d.served_by, d.degraded))
 
     body_schema: dict[str, Any] = (
         _ref(schema) if schema is not None else {"type": "object", "additionalProperties": True}
@@ -336,6 +350,11 @@ def _route_names(route: APIRoute) -> frozenset[str]:
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     """A bug of ours: a plain 500 (the trace goes to the server's log, never to the client)."""
     return JSONResponse({"error": "internal_error"}, 500)
+
+
+async def _internal_error_answered(request: Request, exc: Exception) -> JSONResponse:
+    """`serve`'s 500: every answer of the app carries the X-SafeServe headers."""
+    return JSONResponse({"error": "internal_error"}, 500, headers=_headers(None, True))
 
 
 def _headers(served_by: str | None, degraded: bool) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -118,6 +119,28 @@ class TestSinkFailures:
         assert ss.flush_logs() is False
         assert predict.stats()["log_write_failures"] == 4
         detach(predict)
+
+
+def test_lone_surrogates_in_an_input_do_not_lose_the_record(tmp_path: Path) -> None:
+    """A string JSON allows but UTF-8 cannot hold ("\\ud800", which a client may send) is
+    written as U+FFFD: the record of the call is kept, not replaced by a drops record."""
+    path = tmp_path / "decisions.jsonl"
+
+    @ss.guard(
+        name="surrogates",
+        fallbacks=[ss.Fallback.static("default", 0)],
+        log=ss.DecisionLogConfig(sink=str(path)),
+    )
+    def predict(x: dict[str, str]) -> int:
+        raise ConnectionError("down")
+
+    assert predict({"customer_id": "c-\ud800", "\udc00": "key"}) == 0
+    assert ss.flush_logs() is True
+    [record] = [json.loads(line) for line in path.read_text().splitlines()]
+    assert record["kind"] == "decision"
+    assert record["inputs"] == {"customer_id": "c-\ufffd", "\ufffd": "key"}
+    assert predict.stats()["log_write_failures"] == 0
+    detach(predict)
 
 
 def detach(guard: ss.Guarded) -> None:

@@ -87,6 +87,9 @@ from typing import Any
 def boom(x: Any) -> Any:
     raise RuntimeError({SECRET!r})
 
+def echo(x: Any) -> dict[str, Any]:
+    return {{"id": x.get("id")}}
+
 def what_it_got(x: Any) -> dict[str, Any]:
     # says which type reached the model, so a test sees the raw body or the validated one
     kind = type(x.get("card_number")).__name__ if isinstance(x, dict) else type(x).__name__
@@ -110,6 +113,8 @@ policies:
       on_invalid: {on_invalid}
   free:
     model: serve_models:what_it_got
+  echo:
+    model: serve_models:echo
   decorators_only:
     timeout_s: 0.5
 """
@@ -366,6 +371,37 @@ class TestInvalidInput:
         assert r.status_code == 503
         assert SECRET not in r.text
         assert "RuntimeError" not in r.text
+
+    def test_an_answer_holding_a_lone_surrogate_is_sent_escaped(self, policy_file: Any) -> None:
+        """JSON lets a client send "\\ud800", which UTF-8 cannot hold: a model that echoes it
+        is still answered (escaped, as JSON writes it), with the headers."""
+        app = build_app(policy_file("reject"))
+        body = b'{"id": "c-\\ud800"}'
+        r = request(app, "POST", "/v1/models/echo/predict", content=body)
+        assert r.status_code == 200
+        assert r.headers["X-SafeServe-Served-By"] == "primary"
+        assert r.json() == {"id": "c-\ud800"}
+
+    def test_a_bug_of_ours_is_a_clean_500_with_the_headers(
+        self, policy_file: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        def broken(value: Any) -> Any:
+            raise RuntimeError(SECRET)
+
+        monkeypatch.setattr(serve_module, "json_safe", broken)
+        app = build_app(policy_file("reject"))
+
+        async def go() -> httpx.Response:
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                return await client.post("/v1/models/free/predict", json=TXN)
+
+        r = asyncio.run(go())
+        assert (r.status_code, r.json()) == (500, {"error": "internal_error"})
+        assert (r.headers["X-SafeServe-Served-By"], r.headers["X-SafeServe-Degraded"]) == (
+            "none",
+            "true",
+        )
 
 
 class TestRequestsRefused:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import importlib
+import inspect
 import json
+import sys
 import time
 import weakref
 from collections.abc import MutableMapping
@@ -528,6 +530,14 @@ class TestStreaming:
         assert r.text == "".join(f"chunk-{i}\n" for i in range(STREAM_CHUNKS))
         assert headers_of(r) == ("primary", "false")
 
+    def test_servers_see_an_asgi3_app(self) -> None:
+        """Wrapped directly (`app = SafeServeMiddleware(inner, ...)`), the middleware passes the
+        checks ASGI servers use to tell ASGI 3 apps from WSGI ones."""
+        middleware = SafeServeMiddleware(FastAPI(), routes={"/x": policy("asgi3")})
+        assert asyncio.iscoroutinefunction(middleware.__call__)
+        if sys.version_info >= (3, 12):  # inspect.markcoroutinefunction
+            assert inspect.iscoroutinefunction(middleware.__call__)
+
     def test_websocket_scopes_go_straight_to_the_app(self) -> None:
         """Websocket scopes reach the app with the same receive and send."""
         got: list[Any] = []
@@ -728,6 +738,17 @@ class TestAdminRoutes:
         r = run(app, ("POST", "/safeserve/breakers/admin-a/open", {"headers": headers}))[0]
         assert r.status_code == status
         assert guards[0].breaker.state == "closed"
+
+    def test_a_non_ascii_token_is_matched_by_its_utf8_bytes(self, guards: list[ss.Guarded]) -> None:
+        """A token with non-ASCII characters works when the client sends its UTF-8 bytes."""
+        token = "pässwört-€"
+        app = self.admin(guards, token)
+        good = {"headers": {"authorization": b"Bearer " + token.encode()}}
+        bad = {"headers": {"authorization": b"Bearer " + token.encode()[:-1]}}
+        r = run(app, ("POST", "/safeserve/breakers/admin-a/open", bad))[0]
+        assert (r.status_code, guards[0].breaker.state) == (403, "closed")
+        r = run(app, ("POST", "/safeserve/breakers/admin-a/open", good))[0]
+        assert (r.status_code, guards[0].breaker.state) == (200, "open")
 
     def test_breaker_controls_open_close_and_reset(self, guards: list[ss.Guarded]) -> None:
         """With the token, open/close/reset act on the named guard; unknown names are 404."""

@@ -142,7 +142,8 @@ def _refusal(authorization: str | None, token: str | None) -> JSONResponse | Non
     scheme, _, given = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not given:
         return JSONResponse({"error": "unauthorized"}, 401, headers={"WWW-Authenticate": "Bearer"})
-    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+    # the header's bytes (read as latin-1) against the token's UTF-8: a non-ASCII token matches
+    if not hmac.compare_digest(given.strip().encode("latin-1", "replace"), token.encode()):
         return JSONResponse({"error": "forbidden"}, 403)
     return None
 

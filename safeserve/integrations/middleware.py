@@ -10,6 +10,7 @@ by a fallback's answer; any other start is sent at once and the body streams thr
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import math
 import re
@@ -184,8 +185,12 @@ class SafeServeMiddleware:
             return _lifespan(self.app, scope, receive, send)
         return self.app(scope, receive, send)
 
-    # ASGI servers tell ASGI 3 apps by `asyncio.iscoroutinefunction(app.__call__)`
+    # ASGI servers tell ASGI 3 apps from WSGI ones by `asyncio.iscoroutinefunction(__call__)`
+    # (uvicorn), or by `inspect.iscoroutinefunction` (hypercorn; uvicorn on Python 3.14), which
+    # a plain function passes from Python 3.12 on
     __call__._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
+    if hasattr(inspect, "markcoroutinefunction"):
+        inspect.markcoroutinefunction(__call__)
 
 
 def _route_path(path: str, root_path: str) -> str:

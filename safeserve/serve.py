@@ -16,6 +16,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import socket
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -46,6 +47,7 @@ POLICIES_ENV = "SAFESERVE_POLICIES"
 TOKEN_ENV = "SAFESERVE_ADMIN_TOKEN"
 ALLOWED_ENV = "SAFESERVE_ALLOWED_MODULES"
 MAX_BODY_ENV = "SAFESERVE_MAX_BODY_BYTES"
+_URL_NAME = re.compile(r"[A-Za-z0-9._~-]+")  # unreserved in a URL path (RFC 3986)
 MAX_BODY_BYTES = 1 << 20  # one input row; a bigger body is refused before it is read in full
 
 
@@ -113,6 +115,15 @@ def build_app(
     served = {name: policy for name, policy in policies.items() if policy.model is not None}
     if not served:
         raise NothingToServe(list(policies))
+    unfit = [name for name in served if not _URL_NAME.fullmatch(name)]
+    if unfit:  # "{x}" would route every model, "a/b" could not be named by the breaker routes
+        raise PolicyError(
+            [
+                f"policies.{name}: a served policy's name is part of its URL: use letters, "
+                "digits and . _ ~ - only"
+                for name in unfit
+            ]
+        )
     app = FastAPI(
         title="safeserve",
         description=f"Guarded models from {Path(policies_path).name}",

@@ -565,6 +565,23 @@ class TestServeCommand:
         assert code == 1
         assert err.startswith(f"{path}: policies.fraud.timeout_s: ")
 
+    def test_policy_names_that_cannot_be_a_url_part(
+        self, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    ) -> None:
+        """A served policy named "{x}" would answer for every model, one named "a/b" could not
+        be named by the breaker routes: each is a problem of the file, and nothing is served."""
+        path = tmp_path / "names.yaml"
+        model = "examples.fraud_models:predict_v3"
+        path.write_text(
+            f"policies:\n  '{{x}}':\n    model: {model}\n  a/b:\n    model: {model}\n"
+            f"  ok.v-2_~:\n    model: {model}\n  'no model/':\n    timeout_s: 1\n"
+        )
+        code, err = self.run(capsys, str(path))
+        assert code == 1
+        problems = [line for line in err.splitlines() if "warning" not in line]
+        why = "a served policy's name is part of its URL: use letters, digits and . _ ~ - only"
+        assert problems == [f"{path}: policies.{{x}}: {why}", f"{path}: policies.a/b: {why}"]
+
     def test_allow_module_restricts_import_paths(self, capsys: pytest.CaptureFixture[str]) -> None:
         code, err = self.run(capsys, str(POLICIES), "--allow-module", "elsewhere.")
         assert code == 1

@@ -530,6 +530,23 @@ class TestStreaming:
         assert r.text == "".join(f"chunk-{i}\n" for i in range(STREAM_CHUNKS))
         assert headers_of(r) == ("primary", "false")
 
+    def test_policy_parts_a_route_cannot_apply_are_named_in_a_warning(self) -> None:
+        """Validation, retry, a confidence check, cache fallbacks and batch act on a guarded
+        function's calls; a route's policy with them gets a warning that names each."""
+        full = policy(
+            "route-parts",
+            validation=ss.ValidationConfig(schema=Txn),
+            retry=ss.RetryConfig(attempts=2),
+            confidence=ss.ConfidenceConfig(threshold=0.5),
+            fallbacks=[ss.Fallback.cache("recent"), rules_fallback()],
+        )
+        with pytest.warns(UserWarning, match="ignores them") as caught:
+            SafeServeMiddleware(FastAPI(), routes={"/predict": full, "/plain": policy("plain")})
+        [warning] = caught
+        message = str(warning.message)
+        assert message.startswith("routes['/predict']: policy 'route-parts': validation, retry, ")
+        assert "confidence, cache fallbacks" in message
+
     def test_servers_see_an_asgi3_app(self) -> None:
         """Wrapped directly (`app = SafeServeMiddleware(inner, ...)`), the middleware passes the
         checks ASGI servers use to tell ASGI 3 apps from WSGI ones."""

@@ -14,6 +14,7 @@ import inspect
 import json
 import math
 import re
+import warnings
 from bisect import bisect_left
 from collections.abc import Awaitable, Mapping
 from random import random
@@ -72,6 +73,14 @@ def _guard_for(target: Policy | Guard, path: str) -> Guard:
         return target
     if not isinstance(target, Policy):
         raise TypeError(f"routes[{path!r}]: expected a Policy or a guard, got {type(target)!r}")
+    ignored = _not_for_routes(target)
+    if ignored:
+        warnings.warn(
+            f"routes[{path!r}]: policy {target.name!r}: {', '.join(ignored)} act on a guarded "
+            "function's calls and answers; a route's middleware ignores them",
+            UserWarning,
+            stacklevel=4,
+        )
 
     async def endpoint(body: Any) -> Any:
         """Stands for the HTTP endpoint, which the middleware calls itself."""
@@ -79,6 +88,17 @@ def _guard_for(target: Policy | Guard, path: str) -> Guard:
 
     endpoint.__qualname__ = endpoint.__name__ = f"endpoint {path}"
     return _RouteGuard(endpoint, target)
+
+
+def _not_for_routes(policy: Policy) -> list[str]:
+    """The parts of a policy a guarded route cannot apply: the middleware sees the endpoint's
+    HTTP answer, not a model's input and output."""
+    parts = [f for f in ("validation", "retry", "confidence") if getattr(policy, f) is not None]
+    if any(f.kind == "cache" for f in policy.fallbacks):
+        parts.append("cache fallbacks (they fill from the primary's answers)")
+    if policy.batch:
+        parts.append("batch")
+    return parts
 
 
 class _RouteGuard(AsyncGuard):

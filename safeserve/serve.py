@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
 
 from safeserve.config import load_policies
@@ -140,7 +141,7 @@ def build_app(
         guards.append(guarded)
         schema = policy.validation.schema if policy.validation is not None else None
         if schema is not None:
-            schemas[schema.__name__] = schema
+            schemas[name] = schema
         _add_route(app, name, guarded, schema, max_body_bytes)
     app.state.guards = guards
     app.include_router(admin_router(guards, token=admin_token))
@@ -246,9 +247,14 @@ def _describe(policy: Policy) -> str:
     return "The body is a JSON object given to the model as is."
 
 
+_OWN_MODELS: tuple[type[BaseModel], ...] = (InvalidInput, InputProblem, Unavailable, RequestRefused)
+
+
 def _document_schemas(app: FastAPI, schemas: dict[str, type[BaseModel]]) -> None:
-    """Add the policies' input schemas to the OpenAPI components the routes refer to, and
-    document every 422 as the clean `InvalidInput` body the app really sends."""
+    """Add the policies' input schemas (`schemas`: by policy name) to the OpenAPI components,
+    refer each predict route to its own, and document every 422 as the clean `InvalidInput`
+    body the app really sends. Models of the same name (two policies' `Input`, a nested model
+    each, a schema called `InvalidInput`) get names of their own, qualified by module."""
     plain = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -256,10 +262,17 @@ def _document_schemas(app: FastAPI, schemas: dict[str, type[BaseModel]]) -> None
             return app.openapi_schema
         spec = plain()
         components = spec.setdefault("components", {}).setdefault("schemas", {})
-        for name, schema in schemas.items():
-            js = schema.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(js.pop("$defs", {}))
-            components[name] = js
+        # ours go in too, so that a schema named like one of them is told apart; FastAPI has
+        # already documented ours under their own names
+        mode: Literal["validation"] = "validation"
+        models = [(m, mode) for m in (*dict.fromkeys(schemas.values()), *_OWN_MODELS)]
+        refs, top = models_json_schema(models, ref_template="#/components/schemas/{model}")
+        own = {refs[(m, "validation")]["$ref"].rsplit("/", 1)[1] for m in _OWN_MODELS}
+        components.update({k: v for k, v in top.get("$defs", {}).items() if k not in own})
+        for policy, schema in schemas.items():
+            operation = spec["paths"][f"/v1/models/{policy}/predict"]["post"]
+            body = operation["requestBody"]["content"]["application/json"]
+            body["schema"] = refs[(schema, "validation")]
         for operations in spec.get("paths", {}).values():
             for operation in operations.values():
                 invalid = operation.get("responses", {}).get("422")

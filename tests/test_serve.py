@@ -190,6 +190,47 @@ class TestApp:
         free = spec["paths"]["/v1/models/chargeback/predict"]["post"]["requestBody"]
         assert free["content"]["application/json"]["schema"]["type"] == "object"
 
+    def test_openapi_tells_apart_schemas_of_the_same_name(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Two policies' `Input` (each with a nested `Inner`), and a schema named like one of the
+        app's own bodies: each route documents its own schema, and the 422 stays the app's."""
+        for module, field in (("shapes_a", "amount: float"), ("shapes_b", "tenure: int")):
+            (tmp_path / f"{module}.py").write_text(
+                "from pydantic import BaseModel\n"
+                f"class Inner(BaseModel):\n    {field}\n"
+                f"class Input(BaseModel):\n    inner: Inner\n    {field}\n"
+                f"class InvalidInput(BaseModel):\n    {field}\n"
+                "def predict(x):\n    return {'label': 'ok'}\n"
+            )
+        monkeypatch.syspath_prepend(str(tmp_path))
+        path = tmp_path / "shapes.yaml"
+        path.write_text(
+            "policies:\n"
+            "  a: {model: 'shapes_a:predict', validation: {schema: 'shapes_a:Input'}}\n"
+            "  b: {model: 'shapes_b:predict', validation: {schema: 'shapes_b:Input'}}\n"
+            "  c: {model: 'shapes_a:predict', validation: {schema: 'shapes_a:InvalidInput'}}\n"
+        )
+        spec = request(build_app(path), "GET", "/openapi.json").json()
+        components = spec["components"]["schemas"]
+
+        def resolve(ref: dict[str, str]) -> dict[str, Any]:
+            schema: dict[str, Any] = components[ref["$ref"].rsplit("/", 1)[1]]
+            return schema
+
+        def body(policy: str) -> dict[str, Any]:
+            operation = spec["paths"][f"/v1/models/{policy}/predict"]["post"]
+            return resolve(operation["requestBody"]["content"]["application/json"]["schema"])
+
+        assert set(body("a")["properties"]) == {"inner", "amount"}
+        assert set(body("b")["properties"]) == {"inner", "tenure"}
+        assert set(resolve(body("a")["properties"]["inner"])["properties"]) == {"amount"}
+        assert set(resolve(body("b")["properties"]["inner"])["properties"]) == {"tenure"}
+        assert set(body("c")["properties"]) == {"amount"}
+        assert set(components["InvalidInput"]["properties"]) == {"error", "problems"}
+        for module in ("shapes_a", "shapes_b"):
+            sys.modules.pop(module, None)
+
     def test_openapi_documents_the_422_the_app_sends(self) -> None:
         spec = request(build_app(POLICIES), "GET", "/openapi.json").json()
         invalid = {"$ref": "#/components/schemas/InvalidInput"}

@@ -24,6 +24,7 @@ def _check(args: argparse.Namespace) -> int:
     from safeserve.config import describe, load_policies
     from safeserve.configfile import SUFFIXES
     from safeserve.errors import PolicyError
+    from safeserve.pipeline import build_problems
 
     # like uvicorn, import paths are resolved from the working directory (the project's root)
     if os.getcwd() not in sys.path:
@@ -43,6 +44,15 @@ def _check(args: argparse.Namespace) -> int:
         except PolicyError as err:
             for problem in err.problems:
                 print(f"{file}: {problem}", file=sys.stderr)
+            code = max(code, 1)
+            continue
+        unbuildable = [
+            f"{file}: policies.{name}.{problem}"
+            for name, policy in policies.items()
+            for problem in build_problems(policy)
+        ]
+        if unbuildable:
+            print("\n".join(unbuildable), file=sys.stderr)
             code = max(code, 1)
             continue
         for policy in policies.values():

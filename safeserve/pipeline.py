@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from importlib.util import find_spec
 from time import perf_counter
 from typing import Any
 
@@ -24,7 +25,7 @@ from safeserve.policy import DecisionLogConfig, Policy
 from safeserve.profile import Profiler
 from safeserve.retry import RetryRunner
 from safeserve.timeouts import WorkerPool
-from safeserve.tracing import SpanAnnotator
+from safeserve.tracing import OTEL_MISSING, SpanAnnotator
 from safeserve.validation import BaselineChecks, FreshnessCheck, Invalid, SchemaValidator
 
 _INF = float("inf")
@@ -232,6 +233,21 @@ def _writer(log: DecisionLogConfig | None) -> LogWriter | None:
     except OSError as exc:
         problem = f"log.sink: cannot append to {str(log.sink)!r}: {exc.strerror or exc}"
         raise PolicyError([problem]) from None
+
+
+def build_problems(policy: Policy) -> list[str]:
+    """What making the policy's guard would refuse, found without making it (no sink opened,
+    no thread started): a baseline that cannot be loaded, tracing without OpenTelemetry. For
+    `safeserve check`, so that a file it passes builds."""
+    problems = []
+    if policy.validation is not None:
+        try:
+            _baseline(policy.validation.baseline)
+        except PolicyError as err:
+            problems += err.problems
+    if policy.log is not None and policy.log.trace and find_spec("opentelemetry") is None:
+        problems.append(OTEL_MISSING)
+    return problems
 
 
 def _baseline(source: Any) -> Any:

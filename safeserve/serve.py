@@ -40,6 +40,7 @@ from safeserve.errors import InputRejected, NoFallbackAvailable, PolicyError, Pr
 from safeserve.guard import AsyncGuard, Guard
 from safeserve.integrations.admin import admin_router
 from safeserve.logwriter import flush_logs
+from safeserve.pipeline import build_problems
 from safeserve.policy import Policy
 from safeserve.recording import loads_json
 from safeserve.validation import field_names, problems_of
@@ -136,8 +137,22 @@ def build_app(
     app.add_exception_handler(Exception, _internal_error_answered)
     guards: list[Guard] = []
     schemas: dict[str, type[BaseModel]] = {}
-    for name, policy in served.items():
-        guarded = guard_model(policy)
+    built: dict[str, Guard] = {}
+    problems = [  # what `check` finds too; a guard stops at its first
+        f"policies.{name}.{problem}"
+        for name, policy in served.items()
+        for problem in build_problems(policy)
+    ]
+    if not problems:  # then make the guards, which may still refuse (a sink not writable)
+        for name, policy in served.items():
+            try:
+                built[name] = guard_model(policy)
+            except PolicyError as err:  # made here, not in the file: say which policy it was
+                problems += [f"policies.{name}.{problem}" for problem in err.problems]
+    if problems:
+        raise PolicyError(problems)
+    for name, guarded in built.items():
+        policy = guarded.policy
         guards.append(guarded)
         schema = policy.validation.schema if policy.validation is not None else None
         if schema is not None:

@@ -23,6 +23,11 @@ DEGRADED_EVENT = "safeserve.degraded"
 MAX_BATCH_EVENTS = 100  # a batch's span gets one event per degraded row, up to this many
 
 
+OTEL_MISSING = (
+    "log.trace: needs opentelemetry-api, which is not installed (pip install safeserve[otel])"
+)
+
+
 class SpanAnnotator:
     """Sets `safeserve.*` attributes on the current span, and a `safeserve.degraded` event for a
     degraded call; does nothing when the current span is not recording."""
@@ -33,12 +38,7 @@ class SpanAnnotator:
         try:
             from opentelemetry import trace
         except ImportError:
-            raise PolicyError(
-                [
-                    "log.trace: needs opentelemetry-api, which is not installed "
-                    "(pip install safeserve[otel])"
-                ]
-            ) from None
+            raise PolicyError([OTEL_MISSING]) from None
         self._current_span: Callable[[], Any] = trace.get_current_span
         static = {"safeserve.policy": policy}
         if owner is not None:

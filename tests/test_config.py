@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import safeserve as ss
+from safeserve import pipeline
 from safeserve.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -566,6 +567,39 @@ class TestCli:
             f"{path}: policies.fraud.breaker.window: must be 'count' or 'time' (line 4)",
             f"{path}: policies.fraud.breaker.open_s: must be > 0 (line 4)",
         ]
+
+    def test_check_finds_what_only_making_the_guard_would_refuse(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A baseline file that is not there, tracing without OpenTelemetry: problems of the
+        file for `check` (as `serve` finds them), one line each, with the policy's path."""
+        text = (
+            "policies:\n"
+            "  fraud:\n    model: examples.fraud_models:predict_v3\n"
+            "    validation: {baseline: missing.json}\n"
+            "  churn:\n    model: examples.fraud_models:predict_v3\n"
+            "    validation: {baseline: gone.json}\n    log: {trace: true}\n"
+        )
+        path = write(tmp_path, text)
+        real = pipeline.find_spec
+        monkeypatch.setattr(
+            pipeline, "find_spec", lambda name: None if name == "opentelemetry" else real(name)
+        )
+        monkeypatch.chdir(tmp_path)
+        assert main(["check", str(path)]) == 1
+        out, err = capsys.readouterr()
+        assert out == ""
+        lines = err.splitlines()
+        assert [line.split(": cannot load")[0] for line in lines[:2]] == [
+            f"{path}: policies.fraud.validation.baseline",
+            f"{path}: policies.churn.validation.baseline",
+        ]
+        assert lines[2:] == [
+            f"{path}: policies.churn.log.trace: needs opentelemetry-api, which is not installed "
+            "(pip install safeserve[otel])"
+        ]
+        assert main(["serve", str(path), "--port", "0"]) == 1  # the same, from the same file
+        assert capsys.readouterr().err.splitlines() == lines
 
     def test_check_allow_module_option(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -653,6 +653,23 @@ class TestAdminRoutes:
         assert 'safeserve_call_duration_seconds_count{policy="every"} 4.0' in text
         assert 'safeserve_calls_total{policy="every",served_by="rules"} 4.0' in text
 
+    def test_calls_total_adds_up_to_every_call(self) -> None:
+        """Served, failed (nothing answered) and rejected (`on_invalid: reject`) calls are all in
+        `safeserve_calls_total`; the unanswered ones as served_by "none"."""
+        schema = ss.ValidationConfig(schema=Txn, on_invalid="reject")
+        guard = ss.guard(ss.Policy(name="adds-up", validation=schema))(lambda txn: {"ok": 1})
+        assert guard({"amount": 1.0}) == {"ok": 1}
+        with pytest.raises(ss.InputRejected):
+            guard({"amount": "not a number"})
+        guard.breaker.open()
+        with pytest.raises(ss.NoFallbackAvailable):
+            guard({"amount": 2.0})
+        app = build_app(Model(), {"/predict": policy("adds-up-route")}, guards=[guard])
+        text = run(app, ("GET", "/safeserve/metrics", {}))[0].text
+        assert guard.stats()["calls"] == 3
+        assert 'safeserve_calls_total{policy="adds-up",served_by="primary"} 1.0' in text
+        assert 'safeserve_calls_total{policy="adds-up",served_by="none"} 2.0' in text
+
     def test_decorated_functions_have_latency_and_confidence_histograms(self) -> None:
         """A guarded function exported by the admin router: every call's latency, and the
         confidence of every answer its check read (a low one included)."""

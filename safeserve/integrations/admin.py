@@ -84,7 +84,7 @@ class _Collector(Collector):
         for g in self.guards():
             stats = g.stats()
             counts["calls"].update({(g.name, str(k)): n for k, n in stats["served_by"].items()})
-            counts["calls"][g.name, "none"] += stats["failed"]
+            counts["calls"][g.name, "none"] += stats["failed"] + stats["rejected"]  # unanswered
             counts["degradations"].update({(g.name, k): n for k, n in stats["reasons"].items()})
             counts["log_dropped_records"][(g.name,)] += stats["dropped_records"]
             if states.get(g.name) not in (OPEN, FORCED_OPEN):

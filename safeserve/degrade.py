@@ -328,7 +328,8 @@ class DegradationPath:
                 conf = p.confidence.extract(value) if p.confidence is not None else None
                 self._trace_healthy(p.tracer, permit, t0, conf)
             return value
-        record = self._healthy_record(p, x, value, permit, attempts, latency, t0, sampled)
+        conf = p.confidence.extract(value) if p.confidence is not None else None
+        record = self._healthy_record(p, x, value, conf, permit, attempts, latency, t0, sampled)
         return Outcome(value, record) if want else value
 
     def _healthy_record(
@@ -336,6 +337,7 @@ class DegradationPath:
         p: Pipeline,
         x: Any,
         value: Any,
+        confidence: float | None,
         permit: int,
         attempts: list[RawAttempt] | None,
         latency: float,
@@ -352,7 +354,7 @@ class DegradationPath:
             False,
             [],
             primary_attempts(attempts, latency, None),
-            p.confidence.extract(value) if p.confidence is not None and value is not None else None,
+            confidence,
             self.breaker.state_of(permit),
             ms(perf_counter() - t0),
         )

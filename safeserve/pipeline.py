@@ -245,9 +245,17 @@ def build_problems(policy: Policy) -> list[str]:
             _baseline(policy.validation.baseline)
         except PolicyError as err:
             problems += err.problems
-    if policy.log is not None and policy.log.trace and find_spec("opentelemetry") is None:
+    if policy.log is not None and policy.log.trace and not _importable("opentelemetry.trace"):
         problems.append(OTEL_MISSING)
     return problems
+
+
+def _importable(module: str) -> bool:
+    """Whether `module` can be imported, found without importing it."""
+    try:
+        return find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package missing
+        return False
 
 
 def _baseline(source: Any) -> Any:

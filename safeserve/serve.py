@@ -49,7 +49,7 @@ POLICIES_ENV = "SAFESERVE_POLICIES"
 TOKEN_ENV = "SAFESERVE_ADMIN_TOKEN"
 ALLOWED_ENV = "SAFESERVE_ALLOWED_MODULES"
 MAX_BODY_ENV = "SAFESERVE_MAX_BODY_BYTES"
-_URL_NAME = re.compile(r"[A-Za-z0-9._~-]+")  # unreserved in a URL path (RFC 3986)
+_URL_NAME = re.compile(r"(?!\.{1,2}\Z)[A-Za-z0-9._~-]+")  # unreserved in a URL path, not . or ..
 MAX_BODY_BYTES = 1 << 20  # one input row; a bigger body is refused before it is read in full
 
 
@@ -122,7 +122,7 @@ def build_app(
         raise PolicyError(
             [
                 f"policies.{name}: a served policy's name is part of its URL: use letters, "
-                "digits and . _ ~ - only"
+                "digits and . _ ~ - only (not . or .. alone)"
                 for name in unfit
             ]
         )
@@ -277,6 +277,8 @@ def _document_schemas(app: FastAPI, schemas: dict[str, type[BaseModel]]) -> None
             return app.openapi_schema
         spec = plain()
         components = spec.setdefault("components", {}).setdefault("schemas", {})
+        for fastapi_shape in ("HTTPValidationError", "ValidationError"):  # never sent
+            components.pop(fastapi_shape, None)
         # ours go in too, so that a schema named like one of them is told apart; FastAPI has
         # already documented ours under their own names
         mode: Literal["validation"] = "validation"
@@ -293,8 +295,6 @@ def _document_schemas(app: FastAPI, schemas: dict[str, type[BaseModel]]) -> None
                 invalid = operation.get("responses", {}).get("422")
                 if invalid is not None:
                     invalid["content"] = {"application/json": {"schema": _ref(InvalidInput)}}
-        for fastapi_shape in ("HTTPValidationError", "ValidationError"):  # never sent
-            components.pop(fastapi_shape, None)
         app.openapi_schema = spec
         return spec
 

@@ -25,6 +25,7 @@ from uvicorn_server import UvicornServer, uvicorn_server  # noqa: F401 (fixture)
 
 import safeserve as ss
 from safeserve import context, registry
+from safeserve.decisions import RawReason
 from safeserve.fastapi import SafeServeMiddleware, admin_router
 
 TOKEN = "s3cret-admin-token"
@@ -116,6 +117,19 @@ class TestGuardedRoute:
         unsampled = ss.guard(policy("unsampled-route"))(Model().answer)
         assert post(build_app(Model(), {"/predict": unsampled})).status_code == 200
         assert unsampled.decisions() == []
+
+    def test_a_request_with_a_breaker_notice_has_one_record_and_counts_once(self) -> None:
+        """A notice pending at admission (e.g. the shared store was unreachable) goes on the
+        request's one record, flagged, as for a function's call; sampling adds no second one."""
+        log = ss.DecisionLogConfig(sample_rate=1.0)
+        guard = ss.guard(policy("noticed-route", log=log))(Model().answer)
+        app = build_app(Model(), {"/predict": guard})
+        guard.breaker.post_notice(RawReason("store_unavailable", "admit", "store down"))
+        assert headers_of(post(app)) == ("primary", "false")
+        [record] = guard.decisions()
+        assert (record.served_by, record.flagged) == ("primary", True)
+        assert [r.code for r in record.reasons] == ["store_unavailable"]
+        assert guard.stats()["calls"] == 1
 
     @pytest.mark.parametrize("url", ["/predict", "/predict_sync"])
     def test_slow_endpoint_times_out_and_falls_back(self, url: str) -> None:
@@ -540,12 +554,15 @@ class TestStreaming:
             confidence=ss.ConfidenceConfig(threshold=0.5),
             fallbacks=[ss.Fallback.cache("recent"), rules_fallback()],
         )
-        with pytest.warns(UserWarning, match="ignores them") as caught:
+        with pytest.warns(UserWarning, match="middleware ignores") as caught:
             SafeServeMiddleware(FastAPI(), routes={"/predict": full, "/plain": policy("plain")})
         [warning] = caught
         message = str(warning.message)
-        assert message.startswith("routes['/predict']: policy 'route-parts': validation, retry, ")
-        assert "confidence, cache fallbacks" in message
+        assert message.startswith(
+            "routes['/predict']: policy 'route-parts': a route's middleware ignores validation, "
+            "retry, confidence, cache fallbacks"
+        )
+        assert warning.filename == __file__  # points at the line that made the middleware
 
     def test_servers_see_an_asgi3_app(self) -> None:
         """Wrapped directly (`app = SafeServeMiddleware(inner, ...)`), the middleware passes the
@@ -773,9 +790,14 @@ class TestAdminRoutes:
         assert r.status_code == status
         assert guards[0].breaker.state == "closed"
 
-    def test_a_non_ascii_token_is_matched_by_its_utf8_bytes(self, guards: list[ss.Guarded]) -> None:
-        """A token with non-ASCII characters works when the client sends its UTF-8 bytes."""
-        token = "pässwört-€"
+    @pytest.mark.parametrize(
+        "token", ["pässwört-€", "voilà", "\u0441\u0435\u043a\u0440\u0435\u0442-\u0445"]
+    )
+    def test_a_non_ascii_token_is_matched_by_its_utf8_bytes(
+        self, guards: list[ss.Guarded], token: str
+    ) -> None:
+        """A token with non-ASCII characters works when the client sends its UTF-8 bytes (whose
+        last byte may be one latin-1 calls a space: "à" ends in 0xA0, Cyrillic "ha" in 0x85)."""
         app = self.admin(guards, token)
         good = {"headers": {"authorization": b"Bearer " + token.encode()}}
         bad = {"headers": {"authorization": b"Bearer " + token.encode()[:-1]}}

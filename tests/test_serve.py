@@ -201,6 +201,7 @@ class TestApp:
                 f"class Inner(BaseModel):\n    {field}\n"
                 f"class Input(BaseModel):\n    inner: Inner\n    {field}\n"
                 f"class InvalidInput(BaseModel):\n    {field}\n"
+                f"class ValidationError(BaseModel):\n    {field}\n"
                 "def predict(x):\n    return {'label': 'ok'}\n"
             )
         monkeypatch.syspath_prepend(str(tmp_path))
@@ -210,6 +211,7 @@ class TestApp:
             "  a: {model: 'shapes_a:predict', validation: {schema: 'shapes_a:Input'}}\n"
             "  b: {model: 'shapes_b:predict', validation: {schema: 'shapes_b:Input'}}\n"
             "  c: {model: 'shapes_a:predict', validation: {schema: 'shapes_a:InvalidInput'}}\n"
+            "  d: {model: 'shapes_b:predict', validation: {schema: 'shapes_b:ValidationError'}}\n"
         )
         spec = request(build_app(path), "GET", "/openapi.json").json()
         components = spec["components"]["schemas"]
@@ -227,6 +229,7 @@ class TestApp:
         assert set(resolve(body("a")["properties"]["inner"])["properties"]) == {"amount"}
         assert set(resolve(body("b")["properties"]["inner"])["properties"]) == {"tenure"}
         assert set(body("c")["properties"]) == {"amount"}
+        assert set(body("d")["properties"]) == {"tenure"}  # named like FastAPI's own, dropped
         assert set(components["InvalidInput"]["properties"]) == {"error", "problems"}
         for module in ("shapes_a", "shapes_b"):
             sys.modules.pop(module, None)
@@ -616,12 +619,20 @@ class TestServeCommand:
         path.write_text(
             f"policies:\n  '{{x}}':\n    model: {model}\n  a/b:\n    model: {model}\n"
             f"  ok.v-2_~:\n    model: {model}\n  'no model/':\n    timeout_s: 1\n"
+            f"  '..':\n    model: {model}\n"
         )
         code, err = self.run(capsys, str(path))
         assert code == 1
         problems = [line for line in err.splitlines() if "warning" not in line]
-        why = "a served policy's name is part of its URL: use letters, digits and . _ ~ - only"
-        assert problems == [f"{path}: policies.{{x}}: {why}", f"{path}: policies.a/b: {why}"]
+        why = (
+            "a served policy's name is part of its URL: use letters, digits and . _ ~ - only "
+            "(not . or .. alone)"
+        )
+        assert problems == [
+            f"{path}: policies.{{x}}: {why}",
+            f"{path}: policies.a/b: {why}",
+            f"{path}: policies...: {why}",
+        ]
 
     def test_allow_module_restricts_import_paths(self, capsys: pytest.CaptureFixture[str]) -> None:
         code, err = self.run(capsys, str(POLICIES), "--allow-module", "elsewhere.")

@@ -143,7 +143,8 @@ def _refusal(authorization: str | None, token: str | None) -> JSONResponse | Non
     if scheme.lower() != "bearer" or not given:
         return JSONResponse({"error": "unauthorized"}, 401, headers={"WWW-Authenticate": "Bearer"})
     # the header's bytes (read as latin-1) against the token's UTF-8: a non-ASCII token matches
-    if not hmac.compare_digest(given.strip().encode("latin-1", "replace"), token.encode()):
+    # (ASCII spaces stripped from the bytes: "\xa0" is the last byte of "à")
+    if not hmac.compare_digest(given.encode("latin-1", "replace").strip(b" \t"), token.encode()):
         return JSONResponse({"error": "forbidden"}, 403)
     return None
 

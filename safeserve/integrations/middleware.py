@@ -17,6 +17,7 @@ import re
 import warnings
 from bisect import bisect_left
 from collections.abc import Awaitable, Mapping
+from functools import partial
 from random import random
 from time import perf_counter
 from typing import Any
@@ -76,10 +77,10 @@ def _guard_for(target: Policy | Guard, path: str) -> Guard:
     ignored = _not_for_routes(target)
     if ignored:
         warnings.warn(
-            f"routes[{path!r}]: policy {target.name!r}: {', '.join(ignored)} act on a guarded "
-            "function's calls and answers; a route's middleware ignores them",
+            f"routes[{path!r}]: policy {target.name!r}: a route's middleware ignores "
+            f"{', '.join(ignored)}: they act on a guarded function's calls and answers",
             UserWarning,
-            stacklevel=4,
+            stacklevel=3,
         )
 
     async def endpoint(body: Any) -> Any:
@@ -327,11 +328,14 @@ class _Responder:
                 return
             permit = guard.breaker.fast_permit
             notices: list[RawReason] | None = None
+            send_checked = self.send_checked
             if not permit or p.bulkhead is not None:
                 permit, notices, refused = guard._admit(p, (), {}, 0, None)
                 if refused is not None:
                     await self.fall_back(refused, None)
                     return
+                if notices:  # the call's record is the flagged one `served_with` writes
+                    send_checked = partial(self.send_checked, counted=False)
             self.permit = permit
             try:
                 if budget is not None:
@@ -340,7 +344,7 @@ class _Responder:
                     deadlines = route.deadlines.get(loop) or new_deadlines(route.deadlines, loop)
                     deadlines.watch(self, self.t0 + budget)
                 app = route.app
-                await app(scope, self.receive_tee, self.send_checked)
+                await app(scope, self.receive_tee, send_checked)
             except asyncio.CancelledError:
                 if not self.timed_out():
                     guard.breaker.release(permit)  # the client or server went away: no outcome
@@ -435,7 +439,7 @@ class _Responder:
             rest.chunks.append(body)
         rest.done = not message.get("more_body", False)
 
-    def send_checked(self, message: Message) -> Awaitable[None]:
+    def send_checked(self, message: Message, counted: bool = True) -> Awaitable[None]:
         """The endpoint's `send`: the response start is checked and accounted, the rest passed
         on. A plain function returning `send`'s awaitable: one coroutine less per message."""
         state = self.state
@@ -459,13 +463,14 @@ class _Responder:
                 breaker.on_success(self.permit, latency)
         else:  # a 4xx is the endpoint's answer, neither success nor failure
             breaker.release(self.permit)
-        next(guard._healthy_count)
         histogram = route.latency  # Histogram.add, inline
         histogram.counts[bisect_left(histogram.bounds, latency)] += 1
         histogram.total += latency
-        p = guard._p
-        if not p.plain_healthy:  # a sample to record (`log.sample_rate`), a span to annotate
-            self.healthy_extras(p, latency)
+        if counted:  # else `served_with` counts and records it
+            next(guard._healthy_count)
+            p = guard._p
+            if not p.plain_healthy:  # a sample to record (`log.sample_rate`), a span to annotate
+                self.healthy_extras(p, latency)
         extra = _noted_headers(self.noted) if self.noted else _HEALTHY
         headers = message.get("headers", ())  # _add_headers, inline: a call costs a frame here
         message["headers"] = headers + extra if type(headers) is list else [*headers, *extra]
@@ -479,7 +484,7 @@ class _Responder:
             first = self.first
             done = first is None or not first.get("more_body") or (self.rest and self.rest.done)
             x = self.parsed_body() if done else None
-            guard._healthy_record(p, x, None, self.permit, None, latency, self.t0, True)
+            guard._healthy_record(p, x, None, None, self.permit, None, latency, self.t0, True)
         elif p.tracer is not None:  # OpenTelemetry (`log.trace`): annotate the request span
             guard._trace_healthy(p.tracer, self.permit, self.t0)
 

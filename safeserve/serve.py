@@ -397,8 +397,9 @@ async def _internal_error_answered(request: Request, exc: Exception) -> JSONResp
 
 
 def _headers(served_by: str | None, degraded: bool) -> dict[str, str]:
+    name = (served_by or "none").encode("latin-1", "replace").decode("latin-1")  # headers' bytes
     return {
-        "X-SafeServe-Served-By": served_by or "none",
+        "X-SafeServe-Served-By": name,
         "X-SafeServe-Degraded": "true" if degraded else "false",
     }
 

@@ -416,6 +416,22 @@ class TestInvalidInput:
         assert SECRET not in r.text
         assert "RuntimeError" not in r.text
 
+    def test_a_fallback_named_outside_latin1_still_answers(
+        self, policy_file: Any, tmp_path: Path
+    ) -> None:
+        """HTTP headers are latin-1: a fallback's name that is not (Cyrillic, say) reaches the
+        header with "?" for what latin-1 lacks, instead of turning the answer into a 500."""
+        policy_file("reject")  # the test models, importable
+        path = tmp_path / "names.yaml"
+        path.write_text(
+            "policies:\n  m:\n    model: serve_models:boom\n"
+            "    fallbacks: [{name: \u043f\u0440\u0430\u0432\u0438\u043b\u0430, static: 0}]\n"
+        )
+        r = request(build_app(path), "POST", "/v1/models/m/predict", json=TXN)
+        assert (r.status_code, r.json()) == (200, 0)
+        assert r.headers["X-SafeServe-Served-By"] == "???????"
+        assert r.headers["X-SafeServe-Degraded"] == "true"
+
     def test_an_answer_holding_a_lone_surrogate_is_sent_escaped(self, policy_file: Any) -> None:
         """JSON lets a client send "\\ud800", which UTF-8 cannot hold: a model that echoes it
         is still answered (escaped, as JSON writes it), with the headers."""

@@ -51,18 +51,21 @@ def _serializer() -> Callable[..., bytes]:
     return orjson_dumps
 
 
-def _valid_unicode(value: Any) -> Any:
-    """`value` with every string (keys too) encodable as UTF-8: lone surrogates become U+FFFD."""
+def _renderable(value: Any) -> Any:
+    """`value` with what JSON allows but the renderer refuses made writable: lone surrogates in
+    strings (keys too) become U+FFFD, integers beyond 64 bits their decimal strings."""
     if isinstance(value, str):
         try:
             value.encode()
         except UnicodeEncodeError:
             return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         return value
+    if isinstance(value, int) and not -(2**63) <= value < 2**64:
+        return str(value)
     if isinstance(value, dict):
-        return {_valid_unicode(k): _valid_unicode(v) for k, v in value.items()}
+        return {_renderable(k): _renderable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_valid_unicode(v) for v in value]
+        return [_renderable(v) for v in value]
     return value
 
 
@@ -187,17 +190,17 @@ class LogWriter:
         for record in batch:
             try:
                 self._pending.append(self._render(record.to_record()))
-            except Exception:  # e.g. a lone surrogate ("\ud800") sent in a JSON body
+            except Exception:  # a lone surrogate ("\ud800") or a 70-bit integer in a JSON body
                 self._render_scrubbed(record)
         lost = self._emit()
         if lost:
             self.failed += lost
 
     def _render_scrubbed(self, record: Any) -> None:
-        """A record that failed to render, again with its strings made valid Unicode (U+FFFD
-        for what is not); if even that fails, a drops record in its place, counted as lost."""
+        """A record that failed to render, again with its values made renderable (`_renderable`);
+        if even that fails, a drops record in its place, counted as lost."""
         try:
-            self._pending.append(self._render(_valid_unicode(record.to_record())))
+            self._pending.append(self._render(_renderable(record.to_record())))
         except Exception as exc:  # a record that cannot be rendered must not stop the log
             self.failed += 1
             bad = _DropsRecord(1, f"unrenderable: {type(exc).__name__}")

@@ -121,9 +121,12 @@ class TestSinkFailures:
         detach(predict)
 
 
-def test_lone_surrogates_in_an_input_do_not_lose_the_record(tmp_path: Path) -> None:
-    """A string JSON allows but UTF-8 cannot hold ("\\ud800", which a client may send) is
-    written as U+FFFD: the record of the call is kept, not replaced by a drops record."""
+def test_values_json_allows_but_the_renderer_refuses_do_not_lose_the_record(
+    tmp_path: Path,
+) -> None:
+    """A string UTF-8 cannot hold ("\\ud800", which a client may send in JSON) is written as
+    U+FFFD, an integer beyond 64 bits as its digits: the record of the call is kept, not replaced
+    by a drops record."""
     path = tmp_path / "decisions.jsonl"
 
     @ss.guard(
@@ -134,11 +137,11 @@ def test_lone_surrogates_in_an_input_do_not_lose_the_record(tmp_path: Path) -> N
     def predict(x: dict[str, str]) -> int:
         raise ConnectionError("down")
 
-    assert predict({"customer_id": "c-\ud800", "\udc00": "key"}) == 0
+    assert predict({"customer_id": "c-\ud800", "\udc00": "key", "n": 2**70}) == 0
     assert ss.flush_logs() is True
     [record] = [json.loads(line) for line in path.read_text().splitlines()]
     assert record["kind"] == "decision"
-    assert record["inputs"] == {"customer_id": "c-\ufffd", "\ufffd": "key"}
+    assert record["inputs"] == {"customer_id": "c-\ufffd", "\ufffd": "key", "n": str(2**70)}
     assert predict.stats()["log_write_failures"] == 0
     detach(predict)
 

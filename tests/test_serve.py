@@ -136,6 +136,15 @@ def policy_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any
     sys.modules.pop("serve_models", None)
 
 
+def predict_with(policy_file: Any, tmp_path: Path, policies: str, body: Any) -> httpx.Response:
+    """The answer of the one policy in `policies` (YAML, which may name the test models)."""
+    policy_file("reject")  # writes the test models, importable
+    path = tmp_path / "policies.yaml"
+    path.write_text(f"policies:\n{policies}")
+    [name] = serve_module.load_policies(path)
+    return request(build_app(path), "POST", f"/v1/models/{name}/predict", json=body)
+
+
 def assert_clean_422(r: httpx.Response, *leaks: object) -> list[dict[str, str]]:
     """The guard's invalid-input shape, exactly, with none of the given input values in it."""
     assert r.status_code == 422, r.text
@@ -387,13 +396,11 @@ class TestInvalidInput:
     ) -> None:
         """What a validator wrote (it quotes the value), keys the client made up and the
         character a parser found are left out; the schema's own names stay."""
-        policy_file("reject")  # the test models, importable
-        path = tmp_path / "strict.yaml"
-        path.write_text(
-            "policies:\n  strict:\n    model: serve_models:what_it_got\n"
+        strict = (
+            "  strict:\n    model: serve_models:what_it_got\n"
             "    validation: {schema: 'test_serve:Strict', on_invalid: reject}\n"
         )
-        r = request(build_app(path), "POST", "/v1/models/strict/predict", json=STRICT_BODY)
+        r = predict_with(policy_file, tmp_path, strict, STRICT_BODY)
         assert assert_clean_422(r, "SECRET") == STRICT_PROBLEMS
 
     def test_fastapis_own_validation_is_as_clean(self) -> None:
@@ -421,13 +428,9 @@ class TestInvalidInput:
     ) -> None:
         """HTTP headers are latin-1: a fallback's name that is not (Cyrillic, say) reaches the
         header with "?" for what latin-1 lacks, instead of turning the answer into a 500."""
-        policy_file("reject")  # the test models, importable
-        path = tmp_path / "names.yaml"
-        path.write_text(
-            "policies:\n  m:\n    model: serve_models:boom\n"
-            "    fallbacks: [{name: \u043f\u0440\u0430\u0432\u0438\u043b\u0430, static: 0}]\n"
-        )
-        r = request(build_app(path), "POST", "/v1/models/m/predict", json=TXN)
+        rules = "\u043f\u0440\u0430\u0432\u0438\u043b\u0430"
+        m = f"  m:\n    model: serve_models:boom\n    fallbacks: [{{name: {rules}, static: 0}}]\n"
+        r = predict_with(policy_file, tmp_path, m, TXN)
         assert (r.status_code, r.json()) == (200, 0)
         assert r.headers["X-SafeServe-Served-By"] == "???????"
         assert r.headers["X-SafeServe-Degraded"] == "true"

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -165,7 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse predict bodies over N bytes with 413 (default: 1048576)",
     )
     serve.set_defaults(handler=_serve)
+    serve.error = _one_line_error  # type: ignore[method-assign]  # "serve: ..." as for the rest
     return parser
+
+
+def _one_line_error(message: str) -> NoReturn:
+    """`safeserve serve`'s bad options, one line as its other refusals (argparse prints usage)."""
+    print(f"safeserve serve: {message} (see safeserve serve --help)", file=sys.stderr)
+    sys.exit(2)
 
 
 def _serve(args: argparse.Namespace) -> int:

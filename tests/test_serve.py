@@ -582,7 +582,10 @@ class TestServeCommand:
     """`safeserve serve`'s own errors: one line each, no traceback, exit 2 (1 for a bad file)."""
 
     def run(self, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-        code = main(["serve", *args])
+        try:
+            code = main(["serve", *args])
+        except SystemExit as exit:  # argparse's own refusals
+            code = int(exit.code or 0)
         err = capsys.readouterr().err
         assert "Traceback" not in err
         return code, err
@@ -593,6 +596,11 @@ class TestServeCommand:
             (["--port", "99999"], "safeserve serve: --port must be 0-65535, not 99999\n"),
             (["--port", "-1"], "safeserve serve: --port must be 0-65535, not -1\n"),
             (["--workers", "0"], "safeserve serve: --workers must be 1 or more, not 0\n"),
+            (
+                ["--port", "abc"],
+                "safeserve serve: argument --port: invalid int value: 'abc' "
+                "(see safeserve serve --help)\n",
+            ),
             (
                 ["--max-body-bytes", "0"],
                 "safeserve serve: --max-body-bytes must be 1 or more, not 0\n",

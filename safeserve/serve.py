@@ -460,12 +460,14 @@ def serve(
         uvicorn.run(app, host=host, port=port, log_level="info")
         return 0
     # each worker process builds its own app from the file (uvicorn needs an import string)
+    # with the options just checked, not what the environment held before
     os.environ[POLICIES_ENV] = str(path.resolve())
     os.environ[MAX_BODY_ENV] = str(max_body_bytes)
-    if allowed_modules:
-        os.environ[ALLOWED_ENV] = "\n".join(allowed_modules)
-    if admin_token:
-        os.environ[TOKEN_ENV] = admin_token
+    for name, value in ((ALLOWED_ENV, "\n".join(allowed_modules or ())), (TOKEN_ENV, admin_token)):
+        if value:
+            os.environ[name] = value
+        else:
+            os.environ.pop(name, None)
     uvicorn.run(
         "safeserve.serve:app_from_env",
         factory=True,

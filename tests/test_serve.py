@@ -572,6 +572,28 @@ def test_workers_build_the_app_with_the_same_options(monkeypatch: pytest.MonkeyP
         serve_module.app_from_env()
 
 
+def test_workers_get_the_options_just_checked_not_stale_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An allow-list or token left in the environment does not reach the workers of a
+    `serve --workers N` that was given none (a worker refusing the file restarts forever)."""
+    monkeypatch.setenv(serve_module.ALLOWED_ENV, "elsewhere.")
+    monkeypatch.setenv(serve_module.TOKEN_ENV, "stale")
+    for name in (serve_module.POLICIES_ENV, serve_module.MAX_BODY_ENV):  # restored after
+        monkeypatch.setenv(name, "")
+    seen: dict[str, str | None] = {}
+
+    def run(*args: Any, **kwargs: Any) -> None:
+        seen.update(
+            {k: os.environ.get(k) for k in (serve_module.ALLOWED_ENV, serve_module.TOKEN_ENV)}
+        )
+        serve_module.app_from_env()  # what each worker does; refused with the stale allow-list
+
+    monkeypatch.setattr("uvicorn.run", run)
+    assert serve_module.serve(str(POLICIES), "127.0.0.1", 0, 2, None) == 0
+    assert seen == {serve_module.ALLOWED_ENV: None, serve_module.TOKEN_ENV: None}
+
+
 def ss_load(path: Path) -> Any:
     from safeserve.config import load_policies
 

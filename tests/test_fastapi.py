@@ -687,6 +687,19 @@ class TestAdminRoutes:
         assert 'safeserve_calls_total{policy="adds-up",served_by="primary"} 1.0' in text
         assert 'safeserve_calls_total{policy="adds-up",served_by="none"} 2.0' in text
 
+    def test_health_counts_rejected_inputs_as_degraded(self) -> None:
+        """Inputs refused by `on_invalid: reject` are answered degraded (422, Degraded: true):
+        health's degraded count and recent rate include them (a broken upstream shows)."""
+        schema = ss.ValidationConfig(schema=Txn, on_invalid="reject")
+        guard = ss.guard(ss.Policy(name="rejecting", validation=schema))(lambda txn: {"ok": 1})
+        guard({"amount": 1.0})
+        for _ in range(3):
+            with pytest.raises(ss.InputRejected):
+                guard({"amount": "not a number"})
+        app = build_app(Model(), {"/predict": policy("rejecting-route")}, guards=[guard])
+        [entry] = run(app, ("GET", "/safeserve/health", {}))[0].json()["guards"]
+        assert (entry["calls"], entry["degraded"], entry["recent_degradation_rate"]) == (4, 3, 0.75)
+
     def test_decorated_functions_have_latency_and_confidence_histograms(self) -> None:
         """A guarded function exported by the admin router: every call's latency, and the
         confidence of every answer its check read (a low one included)."""

@@ -177,14 +177,17 @@ def admin_router(
         entries = []
         for g in chosen():
             stats = g.stats()
+            degraded = (
+                stats["degraded"] + stats["rejected"]
+            )  # a rejected input is answered degraded
             entries.append(
                 {
                     "name": g.name,
                     "owner": g.policy.owner,
                     "state": stats["breaker_state"],
                     "calls": stats["calls"],
-                    "degraded": stats["degraded"],
-                    "recent_degradation_rate": recent.rate(g, stats["calls"], stats["degraded"]),
+                    "degraded": degraded,
+                    "recent_degradation_rate": recent.rate(g, stats["calls"], degraded),
                 }
             )
         down = any(e["state"] in (OPEN, FORCED_OPEN) for e in entries)

@@ -117,15 +117,7 @@ def build_app(
     served = {name: policy for name, policy in policies.items() if policy.model is not None}
     if not served:
         raise NothingToServe(list(policies))
-    unfit = [name for name in served if not _URL_NAME.fullmatch(name)]
-    if unfit:  # "{x}" would route every model, "a/b" could not be named by the breaker routes
-        raise PolicyError(
-            [
-                f"policies.{name}: a served policy's name is part of its URL: use letters, "
-                "digits and . _ ~ - only (not . or .. alone)"
-                for name in unfit
-            ]
-        )
+    built = _guards_of(served)
     app = FastAPI(
         title="safeserve",
         description=f"Guarded models from {Path(policies_path).name}",
@@ -135,33 +127,49 @@ def build_app(
     app.state.unserved = [name for name in policies if name not in served]
     install_error_handlers(app)
     app.add_exception_handler(Exception, _internal_error_answered)
-    guards: list[Guard] = []
     schemas: dict[str, type[BaseModel]] = {}
-    built: dict[str, Guard] = {}
-    problems = [  # what `check` finds too; a guard stops at its first
-        f"policies.{name}.{problem}"
-        for name, policy in served.items()
-        for problem in build_problems(policy)
-    ]
-    if not problems:  # then make the guards, which may still refuse (a sink not writable)
-        for name, policy in served.items():
-            try:
-                built[name] = guard_model(policy)
-            except PolicyError as err:  # made here, not in the file: say which policy it was
-                problems += [f"policies.{name}.{problem}" for problem in err.problems]
-    if problems:
-        raise PolicyError(problems)
     for name, guarded in built.items():
-        policy = guarded.policy
-        guards.append(guarded)
-        schema = policy.validation.schema if policy.validation is not None else None
+        validation = guarded.policy.validation
+        schema = validation.schema if validation is not None else None
         if schema is not None:
             schemas[name] = schema
         _add_route(app, name, guarded, schema, max_body_bytes)
+    guards = list(built.values())
     app.state.guards = guards
     app.include_router(admin_router(guards, token=admin_token))
     _document_schemas(app, schemas)
     return app
+
+
+def _guards_of(served: dict[str, Policy]) -> dict[str, Guard]:
+    """The guard of each served policy, or one `PolicyError` with every problem on the way,
+    each on its policy's path: names that cannot be part of a URL, what `check` finds too
+    (`build_problems`), then what making a guard still refuses (a sink not writable)."""
+    unfit = [name for name in served if not _URL_NAME.fullmatch(name)]
+    if unfit:  # "{x}" would route every model, "a/b" could not be named by the breaker routes
+        raise PolicyError(
+            [
+                f"policies.{name}: a served policy's name is part of its URL: use letters, "
+                "digits and . _ ~ - only (not . or .. alone)"
+                for name in unfit
+            ]
+        )
+    problems = [
+        f"policies.{name}.{problem}"
+        for name, policy in served.items()
+        for problem in build_problems(policy)
+    ]
+    if problems:  # a guard stops at its first: say them all
+        raise PolicyError(problems)
+    built: dict[str, Guard] = {}
+    for name, policy in served.items():
+        try:
+            built[name] = guard_model(policy)
+        except PolicyError as err:
+            problems += [f"policies.{name}.{problem}" for problem in err.problems]
+    if problems:
+        raise PolicyError(problems)
+    return built
 
 
 @asynccontextmanager

@@ -47,13 +47,9 @@ def _check(args: argparse.Namespace) -> int:
                 print(f"{file}: {problem}", file=sys.stderr)
             code = max(code, 1)
             continue
-        unbuildable = [
-            f"{file}: policies.{name}.{problem}"
-            for name, policy in policies.items()
-            for problem in build_problems(policy)
-        ]
+        unbuildable = build_problems(policies)
         if unbuildable:
-            print("\n".join(unbuildable), file=sys.stderr)
+            print("\n".join(f"{file}: {problem}" for problem in unbuildable), file=sys.stderr)
             code = max(code, 1)
             continue
         for policy in policies.values():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from importlib.util import find_spec
 from time import perf_counter
 from typing import Any
@@ -235,18 +235,20 @@ def _writer(log: DecisionLogConfig | None) -> LogWriter | None:
         raise PolicyError([problem]) from None
 
 
-def build_problems(policy: Policy) -> list[str]:
-    """What making the policy's guard would refuse, found without making it (no sink opened,
-    no thread started): a baseline that cannot be loaded, tracing without OpenTelemetry. For
-    `safeserve check`, so that a file it passes builds."""
+def build_problems(policies: Mapping[str, Policy]) -> list[str]:
+    """What making a file's guards would refuse, found without making them (no sink opened,
+    no thread started), one `policies.NAME.PATH: message` line each: a baseline that cannot be
+    loaded, tracing without OpenTelemetry. `safeserve check` reports them, so that a file it
+    passes builds; `serve` reports them all before a guard stops at its first."""
     problems = []
-    if policy.validation is not None:
-        try:
-            _baseline(policy.validation.baseline)
-        except PolicyError as err:
-            problems += err.problems
-    if policy.log is not None and policy.log.trace and not _importable("opentelemetry.trace"):
-        problems.append(OTEL_MISSING)
+    for name, policy in policies.items():
+        if policy.validation is not None:
+            try:
+                _baseline(policy.validation.baseline)
+            except PolicyError as err:
+                problems += [f"policies.{name}.{problem}" for problem in err.problems]
+        if policy.log is not None and policy.log.trace and not _importable("opentelemetry.trace"):
+            problems.append(f"policies.{name}.{OTEL_MISSING}")
     return problems
 
 

@@ -12,15 +12,13 @@ Needs the `fastapi` extra.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import os
 import re
 import socket
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -39,7 +37,7 @@ from safeserve.decorator import guard_model
 from safeserve.errors import InputRejected, NoFallbackAvailable, PolicyError, Problem
 from safeserve.guard import AsyncGuard, Guard
 from safeserve.integrations.admin import admin_router
-from safeserve.logwriter import flush_logs
+from safeserve.integrations.middleware import FlushLogsAtShutdown
 from safeserve.pipeline import build_problems
 from safeserve.policy import Policy
 from safeserve.recording import loads_json
@@ -122,8 +120,8 @@ def build_app(
         title="safeserve",
         description=f"Guarded models from {Path(policies_path).name}",
         version="1",
-        lifespan=_flush_at_shutdown,
     )
+    app.add_middleware(FlushLogsAtShutdown)  # SIGTERM ends uvicorn before `atexit` handlers
     app.state.unserved = [name for name in policies if name not in served]
     install_error_handlers(app)
     app.add_exception_handler(Exception, _internal_error_answered)
@@ -154,11 +152,7 @@ def _guards_of(served: dict[str, Policy]) -> dict[str, Guard]:
                 for name in unfit
             ]
         )
-    problems = [
-        f"policies.{name}.{problem}"
-        for name, policy in served.items()
-        for problem in build_problems(policy)
-    ]
+    problems = build_problems(served)
     if problems:  # a guard stops at its first: say them all
         raise PolicyError(problems)
     built: dict[str, Guard] = {}
@@ -170,15 +164,6 @@ def _guards_of(served: dict[str, Policy]) -> dict[str, Guard]:
     if problems:
         raise PolicyError(problems)
     return built
-
-
-@asynccontextmanager
-async def _flush_at_shutdown(app: FastAPI) -> AsyncIterator[None]:
-    """Write the queued decision records when the server shuts down. On SIGTERM (what Docker,
-    Kubernetes and systemd send) uvicorn raises the signal again once it has shut down, which
-    ends the process before `atexit` handlers run."""
-    yield
-    await asyncio.to_thread(flush_logs)
 
 
 def _add_route(

@@ -177,9 +177,8 @@ def admin_router(
         entries = []
         for g in chosen():
             stats = g.stats()
-            degraded = (
-                stats["degraded"] + stats["rejected"]
-            )  # a rejected input is answered degraded
+            # a rejected input is answered degraded too (422, X-SafeServe-Degraded: true)
+            degraded = stats["degraded"] + stats["rejected"]
             entries.append(
                 {
                     "name": g.name,

@@ -221,6 +221,20 @@ def _route_path(path: str, root_path: str) -> str:
     return path
 
 
+class FlushLogsAtShutdown:
+    """A pure ASGI middleware that only writes the queued decision records before the app's
+    lifespan shutdown completes, as `SafeServeMiddleware` does (for `safeserve serve`'s app,
+    which has no guarded route)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        if scope["type"] == "lifespan":
+            return _lifespan(self.app, scope, receive, send)
+        return self.app(scope, receive, send)
+
+
 async def _lifespan(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
     """The app's lifespan, with the queued decision records written before shutdown completes:
     on SIGTERM uvicorn raises the signal again once shut down, before `atexit` handlers run."""

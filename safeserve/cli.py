@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(handler=_serve)
     serve.error = _one_line_error  # type: ignore[method-assign]  # "serve: ..." as for the rest
+    for command in commands.choices.values():  # each reports unknown options in its own words
+        command.set_defaults(parser=command)
     return parser
 
 
@@ -208,7 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the `safeserve` command with `argv` (default: the process's) and return its exit code."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # the subcommand's parser reports them, in its own words
+            getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exc:  # usage errors (2) and --help (0) become return codes
         if exc.code is None:
             return 0

@@ -104,6 +104,16 @@ def test_unknown_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture[str])
     assert "usage: safeserve" in capsys.readouterr().err
 
 
+def test_an_unknown_option_is_reported_with_its_subcommands_usage(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The usage shown is the subcommand's, which lists the options it does take."""
+    assert main(["check", "--bogus", "policies.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: safeserve check ")
+    assert "safeserve check: error: unrecognized arguments: --bogus" in err
+
+
 def test_a_subcommand_is_required(capsys: pytest.CaptureFixture[str]) -> None:
     """Running `safeserve` alone is a usage error too."""
     assert main([]) == 2

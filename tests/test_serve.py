@@ -624,6 +624,10 @@ class TestServeCommand:
                 "(see safeserve serve --help)\n",
             ),
             (
+                ["--bogus", "1"],
+                "safeserve serve: unrecognized arguments: --bogus 1 (see safeserve serve --help)\n",
+            ),
+            (
                 ["--max-body-bytes", "0"],
                 "safeserve serve: --max-body-bytes must be 1 or more, not 0\n",
             ),

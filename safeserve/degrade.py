@@ -124,8 +124,10 @@ class DegradationPath:
         kwargs: dict[str, Any],
         offset: int,
         notices: list[RawReason] | None,
+        may_block: bool = True,
     ) -> tuple[int, list[RawReason] | None, Degradation | None]:
-        """Admission off the fast path: breaker permit, pending notice, bulkhead slot."""
+        """Admission off the fast path: breaker permit, pending notice, bulkhead slot (waited
+        for up to `max_wait_s` only by a sync guard's call, `may_block`, off any event loop)."""
         breaker = self.breaker
         permit = breaker.fast_permit or breaker.admit()
         notice = breaker.take_notice()
@@ -133,7 +135,7 @@ class DegradationPath:
             notices = [notice] if notices is None else [*notices, notice]
         if permit == REJECTED:
             reason = RawReason("breaker_open", "admit")
-        elif p.bulkhead is not None and not p.enter_bulkhead(may_block=not self.is_async):
+        elif p.bulkhead is not None and not p.enter_bulkhead(may_block and not self.is_async):
             breaker.release(permit)
             reason = RawReason("overloaded", "admit", "max_concurrent reached")
         else:

@@ -344,7 +344,7 @@ class _Responder:
             notices: list[RawReason] | None = None
             send_checked = self.send_checked
             if not permit or p.bulkhead is not None:
-                permit, notices, refused = guard._admit(p, (), {}, 0, None)
+                permit, notices, refused = guard._admit(p, (), {}, 0, None, may_block=False)
                 if refused is not None:
                     await self.fall_back(refused, None)
                     return
@@ -360,17 +360,17 @@ class _Responder:
                 app = route.app
                 await app(scope, self.receive_tee, send_checked)
             except asyncio.CancelledError:
-                if not self.timed_out():
-                    guard.breaker.release(permit)  # the client or server went away: no outcome
-                    self.state = _DROPPED  # its deadline must not cancel the task's later work
+                # ours only if the deadline cancelled the task: not when another cancellation
+                # (the client or server went away, a caller's timeout) was already under way
+                if self.state != _CANCELLED or not self.timed_out():
+                    self.abandoned(permit, notices)
                     raise
                 failure: Exception = _timeout(budget)
             except Exception as exc:
-                if self.state == _STARTED:
-                    raise  # a streamed response failed midway: too late for a fallback
-                if isinstance(exc, ClientDisconnect):  # the client left mid-upload: no outcome
-                    guard.breaker.release(permit)
-                    self.state = _DROPPED
+                # a streamed response failed midway (too late for a fallback), or the client
+                # left mid-upload (no outcome)
+                if self.state == _STARTED or isinstance(exc, ClientDisconnect):
+                    self.abandoned(permit, notices)
                     raise
                 failure = exc
             else:
@@ -398,6 +398,16 @@ class _Responder:
                 # not its body, task, or the server's request (which `receive`/`send` belong to)
                 self.first = self.rest = self.task = None
                 self.receive, self.send = _disconnected, _discard
+
+    def abandoned(self, permit: int, notices: list[RawReason] | None) -> None:
+        """The request ends without a fallback's answer. An answer already started was
+        accounted at its start (and its permit used); else there is no outcome."""
+        if self.state == _STARTED:
+            if notices:
+                self.served_with(notices)
+            return
+        self.route.guard.breaker.release(permit)
+        self.state = _DROPPED  # its deadline must not cancel the task's later work
 
     def served_with(self, notices: list[RawReason]) -> None:
         """Served by the endpoint, but a notice (e.g. store_unavailable) goes on the record."""

@@ -1,0 +1,221 @@
+"""SafeServeMiddleware at the edges of a request's life: cancellations that are not its own,
+answers that fail after they started, the breaker's permits there, and bulkheads on the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, MutableMapping
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+
+import safeserve as ss
+from safeserve.decisions import RawReason
+from safeserve.fastapi import SafeServeMiddleware
+
+STATIC = [ss.Fallback.static("static", {"label": "review"})]
+Message = MutableMapping[str, Any]
+
+
+def scope(path: str = "/p") -> dict[str, Any]:
+    return {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "query_string": b"",
+        "root_path": "",
+        "http_version": "1.1",
+        "headers": [(b"content-type", b"application/json")],
+    }
+
+
+class Client:
+    """One request's ASGI side: the body `{}`, then nothing until the request is over."""
+
+    def __init__(self) -> None:
+        self.sent: list[Message] = []
+        self.read = False
+
+    async def receive(self) -> Message:
+        if not self.read:
+            self.read = True
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    async def send(self, message: Message) -> None:
+        self.sent.append(message)
+
+    def statuses(self) -> list[int]:
+        return [m["status"] for m in self.sent if m["type"] == "http.response.start"]
+
+
+def streaming_app(entered: list[str], fail_midway: bool = False) -> FastAPI:
+    """/stream answers one chunk, then fails or waits; /slow waits before answering."""
+    app = FastAPI()
+
+    @app.post("/stream")
+    async def stream() -> StreamingResponse:
+        entered.append("stream")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"first"
+            if fail_midway:
+                raise RuntimeError("the stream broke")
+            await asyncio.sleep(3600)
+
+        return StreamingResponse(chunks())
+
+    @app.post("/slow")
+    async def slow() -> dict[str, Any]:
+        entered.append("slow")
+        await asyncio.sleep(3600)
+        return {}
+
+    return app
+
+
+def test_a_callers_own_cancellation_is_not_taken_for_the_time_budget() -> None:
+    """A caller's timeout (or a server shutting down) that cancels the request before its
+    deadline propagates, even when the endpoint's cleanup outlasts the deadline: no fallback
+    answer, no timeout failure on the breaker."""
+    app = FastAPI()
+
+    @app.post("/p")
+    async def slow_with_cleanup() -> dict[str, Any]:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            await asyncio.shield(asyncio.sleep(0.3))  # cleanup that awaits, past the deadline
+        return {}
+
+    middleware = SafeServeMiddleware(app, routes={"/p": ss.Policy(name="c", timeout_s=0.1)})
+    guard = middleware.guards[0]
+    client = Client()
+
+    async def main() -> str:
+        try:
+            async with asyncio.timeout(0.02):
+                await middleware(scope(), client.receive, client.send)
+        except TimeoutError:
+            return "the caller's timeout"
+        return "answered"
+
+    assert asyncio.run(main()) == "the caller's timeout"
+    assert client.statuses() == []
+    assert guard.breaker.figures()["failures"] == 0
+    assert guard.decisions() == []
+
+
+def test_a_notice_stays_on_the_record_when_a_started_stream_fails() -> None:
+    """The answer started, so the call counts and its record carries the breaker's notice,
+    as when the stream ends well."""
+    app = streaming_app([], fail_midway=True)
+    middleware = SafeServeMiddleware(app, routes={"/stream": ss.Policy(name="n", fallbacks=STATIC)})
+    guard = middleware.guards[0]
+    guard.breaker.post_notice(RawReason("store_unavailable", "admit", "redis down"))
+    client = Client()
+
+    async def main() -> None:
+        # too late for a fallback: the error reaches the server, which closes the connection
+        with contextlib.suppress(RuntimeError):
+            await middleware(scope("/stream"), client.receive, client.send)
+
+    asyncio.run(main())
+    assert client.statuses() == [200]
+    assert guard.stats()["calls"] == 1
+    [record] = guard.decisions()
+    assert record.served_by == "primary"
+    assert "store_unavailable" in [r.code for r in record.reasons]
+
+
+def test_a_probe_cancelled_mid_stream_keeps_its_half_open_slot_used() -> None:
+    """A half-open probe whose answer started was counted a success there: cancelling it later
+    must not hand its permit back, or one more probe than `half_open_calls` gets in."""
+    now = [0.0]
+    breaker = ss.BreakerConfig(
+        window_size=4,
+        min_calls=2,
+        failure_rate_threshold=0.5,
+        open_s=5,
+        half_open_calls=2,
+        success_threshold=2,
+        clock=lambda: now[0],
+    )
+    guard = ss.guard(ss.Policy(name="probe", fallbacks=STATIC, breaker=breaker))(lambda x: x)
+    entered: list[str] = []
+    middleware = SafeServeMiddleware(
+        streaming_app(entered), routes={"/stream": guard, "/slow": guard}
+    )
+    guard.open()
+    now[0] = 100.0  # past open_s: half-open, two probes allowed
+
+    async def main() -> list[int]:
+        clients = [Client(), Client(), Client()]
+        stream = asyncio.create_task(middleware(scope("/stream"), *_io(clients[0])))
+        slow = asyncio.create_task(middleware(scope("/slow"), *_io(clients[1])))
+        await asyncio.sleep(0.05)
+        stream.cancel()  # the server cancels the streaming request
+        await asyncio.sleep(0.05)
+        third = asyncio.create_task(middleware(scope("/slow"), *_io(clients[2])))
+        await asyncio.sleep(0.05)
+        for task in (slow, third):
+            task.cancel()
+        await asyncio.gather(stream, slow, third, return_exceptions=True)
+        return clients[2].statuses()
+
+    third_statuses = asyncio.run(main())
+    assert entered == ["stream", "slow"]
+    assert third_statuses == [200]  # the fallback answered it: both probe slots were taken
+
+
+def _io(client: Client) -> tuple[Any, Any]:
+    return client.receive, client.send
+
+
+def test_a_route_never_waits_for_a_bulkhead_slot_on_the_event_loop() -> None:
+    """A sync guard's `max_wait_s` blocks its own thread; on a route it would block the event
+    loop and every request on it. A route takes a free slot or none, as an async guard does."""
+    policy = ss.Policy(name="bulk", fallbacks=STATIC, max_concurrent=1, max_wait_s=1.0)
+    guard = ss.guard(policy)(lambda x: x)
+    app = FastAPI()
+
+    @app.post("/p")
+    async def slow() -> dict[str, Any]:
+        await asyncio.sleep(0.5)
+        return {"label": "approve"}
+
+    @app.get("/other")
+    async def unlisted() -> dict[str, Any]:
+        return {}
+
+    middleware = SafeServeMiddleware(app, routes={"/p": guard})
+
+    async def main() -> list[tuple[httpx.Response, float]]:
+        transport = httpx.ASGITransport(app=middleware)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            t0 = time.perf_counter()
+
+            async def timed(request: Any) -> tuple[httpx.Response, float]:
+                response = await request
+                return response, time.perf_counter() - t0
+
+            return list(
+                await asyncio.gather(
+                    timed(client.post("/p", json={})),
+                    timed(client.post("/p", json={})),
+                    timed(client.get("/other")),
+                )
+            )
+
+    (first, _), (second, second_s), (other, other_s) = asyncio.run(main())
+    assert first.headers["x-safeserve-served-by"] == "primary"
+    assert second.headers["x-safeserve-served-by"] == "static"
+    assert other.status_code == 200
+    # generous bounds: the first request takes 0.5 s, and blocking would take 1 s
+    assert second_s < 0.4
+    assert other_s < 0.4

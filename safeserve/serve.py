@@ -24,7 +24,7 @@ from typing import IO, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
@@ -32,11 +32,11 @@ from starlette.concurrency import run_in_threadpool
 
 from safeserve.config import load_policies
 from safeserve.configfile import SUFFIXES
-from safeserve.decisions import json_safe
 from safeserve.decorator import guard_model
 from safeserve.errors import InputRejected, NoFallbackAvailable, PolicyError, Problem
 from safeserve.guard import AsyncGuard, Guard
 from safeserve.integrations.admin import admin_router
+from safeserve.integrations.encoding import encode_answer
 from safeserve.integrations.middleware import FlushLogsAtShutdown
 from safeserve.pipeline import build_problems
 from safeserve.policy import Policy
@@ -70,19 +70,6 @@ class Unavailable(BaseModel):
 
     error: Literal["unavailable"]
     policy: str
-
-
-class _Answer(JSONResponse):
-    """A model's answer as JSON. A string JSON allows but UTF-8 cannot hold (a lone surrogate,
-    e.g. an id the client sent as "\\ud800" and the model echoed) is sent escaped, as JSON
-    writes it, rather than failing the response."""
-
-    def render(self, content: Any) -> bytes:
-        try:
-            return super().render(content)
-        except UnicodeEncodeError:
-            text = json.dumps(content, allow_nan=False, separators=(",", ":"))  # ASCII, escaped
-            return text.encode()
 
 
 class NothingToServe(PolicyError):
@@ -177,13 +164,13 @@ def _add_route(
     # says); without a schema the route itself asks for a JSON object.
     needs_object = schema is None
 
-    async def predict(request: Request) -> JSONResponse:
+    async def predict(request: Request) -> Response:
         response = await answer(request)
         if "x-safeserve-served-by" not in response.headers:  # refused before the model
             response.headers.update(_headers(None, False))
         return response
 
-    async def answer(request: Request) -> JSONResponse:
+    async def answer(request: Request) -> Response:
         refused = _refusal(request, max_body_bytes)
         if refused is not None:
             return refused
@@ -215,7 +202,10 @@ def _add_route(
                 headers={"Retry-After": str(retry), **_headers(None, True)},
             )
         d = outcome.decision
-        return _Answer(json_safe(outcome.value), headers=_headers(d.served_by, d.degraded))
+        # an answer with no JSON form (a model's bug) raises: a clean 500, its type in the log
+        content = encode_answer(outcome.value)
+        headers = _headers(d.served_by, d.degraded)
+        return Response(content, media_type="application/json", headers=headers)
 
     body_schema: dict[str, Any] = (
         _ref(schema) if schema is not None else {"type": "object", "additionalProperties": True}

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import enum
+import json
+import math
 import time
 from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
@@ -219,3 +223,53 @@ def test_a_route_never_waits_for_a_bulkhead_slot_on_the_event_loop() -> None:
     # generous bounds: the first request takes 0.5 s, and blocking would take 1 s
     assert second_s < 0.4
     assert other_s < 0.4
+
+
+@dataclasses.dataclass
+class Score:
+    label: str
+    p: float
+
+
+class Tier(enum.Enum):
+    REVIEW = "review"
+
+
+def test_a_fallbacks_answer_is_sent_as_json_values() -> None:
+    """A dataclass, an enum, a NaN: their JSON forms, never a Python repr or "nan"."""
+    answer = {"score": Score("review", math.nan), "tier": Tier.REVIEW}
+    fallback = ss.Fallback.model("backup", lambda body: answer)
+    middleware = SafeServeMiddleware(
+        failing_app(), routes={"/p": ss.Policy(name="j", fallbacks=[fallback])}
+    )
+    client = Client()
+    asyncio.run(middleware(scope(), client.receive, client.send))
+    assert client.statuses() == [200]
+    assert json.loads(client.sent[1]["body"]) == {
+        "score": {"label": "review", "p": None},
+        "tier": "review",
+    }
+
+
+def test_a_fallbacks_answer_with_no_json_form_is_a_clean_503() -> None:
+    fallback = ss.Fallback.model("backup", lambda body: {"handle": object()})
+    middleware = SafeServeMiddleware(
+        failing_app(), routes={"/p": ss.Policy(name="u", fallbacks=[fallback])}
+    )
+    client = Client()
+    asyncio.run(middleware(scope(), client.receive, client.send))
+    start, body = client.sent
+    assert start["status"] == 503
+    assert (b"x-safeserve-served-by", b"none") in start["headers"]
+    assert (b"x-safeserve-degraded", b"true") in start["headers"]
+    assert json.loads(body["body"]) == {"error": "unavailable", "policy": "u"}
+
+
+def failing_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.post("/p")
+    async def crash() -> dict[str, Any]:
+        raise RuntimeError("the model is down")
+
+    return app

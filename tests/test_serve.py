@@ -90,6 +90,30 @@ def boom(x: Any) -> Any:
 def echo(x: Any) -> dict[str, Any]:
     return {{"id": x.get("id")}}
 
+def typed(x: Any) -> dict[str, Any]:
+    import dataclasses, datetime, decimal, enum, uuid
+    import numpy as np
+
+    class Tier(enum.Enum):
+        GOLD = "gold"
+
+    @dataclasses.dataclass
+    class Score:
+        label: str
+        p: float
+
+    deep: Any = {{"leaf": 1}}
+    for _ in range(30):
+        deep = {{"n": deep}}
+    return {{
+        "ref": uuid.UUID(int=5), "day": datetime.date(2024, 1, 2), "tier": Tier.GOLD,
+        "price": decimal.Decimal("1.50"), "raw": b"ok", "score": Score("approve", 0.9),
+        "took": datetime.timedelta(seconds=3), "probs": np.array([0.25, 0.75]), "deep": deep,
+    }}
+
+def opaque(x: Any) -> Any:
+    return {{"handle": object()}}
+
 def what_it_got(x: Any) -> dict[str, Any]:
     # says which type reached the model, so a test sees the raw body or the validated one
     kind = type(x.get("card_number")).__name__ if isinstance(x, dict) else type(x).__name__
@@ -445,13 +469,54 @@ class TestInvalidInput:
         assert r.headers["X-SafeServe-Served-By"] == "primary"
         assert r.json() == {"id": "c-\ud800"}
 
+    def test_answers_are_json_values_not_python_reprs(
+        self, policy_file: Any, tmp_path: Path
+    ) -> None:
+        """What models return (enums, UUIDs, dates, decimals, dataclasses, numpy, deep nesting)
+        reaches the client as FastAPI would send it."""
+        r = predict_with(policy_file, tmp_path, "  typed:\n    model: serve_models:typed\n", {})
+        assert r.status_code == 200
+        answer = r.json()
+        deep = answer.pop("deep")
+        assert answer == {
+            "ref": "00000000-0000-0000-0000-000000000005",
+            "day": "2024-01-02",
+            "tier": "gold",
+            "price": 1.5,
+            "raw": "ok",
+            "score": {"label": "approve", "p": 0.9},
+            "took": 3.0,
+            "probs": [0.25, 0.75],
+        }
+        for _ in range(30):
+            deep = deep["n"]
+        assert deep == {"leaf": 1}
+
+    def test_an_answer_with_no_json_form_is_a_clean_500(
+        self, policy_file: Any, tmp_path: Path
+    ) -> None:
+        policies = "  opaque:\n    model: serve_models:opaque\n"
+        policy_file("reject")
+        path = tmp_path / "policies.yaml"
+        path.write_text(f"policies:\n{policies}")
+
+        async def go() -> httpx.Response:
+            transport = httpx.ASGITransport(app=build_app(path), raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                return await client.post("/v1/models/opaque/predict", json={})
+
+        r = asyncio.run(go())
+        assert (r.status_code, r.json()) == (500, {"error": "internal_error"})
+        assert "object" not in r.text
+        assert r.headers["X-SafeServe-Degraded"] == "true"
+
     def test_a_bug_of_ours_is_a_clean_500_with_the_headers(
         self, policy_file: Any, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         def broken(value: Any) -> Any:
             raise RuntimeError(SECRET)
 
-        monkeypatch.setattr(serve_module, "json_safe", broken)
+        monkeypatch.setattr(serve_module, "encode_answer", broken)
         app = build_app(policy_file("reject"))
 
         async def go() -> httpx.Response:

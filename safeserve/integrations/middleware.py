@@ -29,10 +29,11 @@ from safeserve import context
 from safeserve.context import Noted
 from safeserve.context import current as _outcomes
 from safeserve.deadlines import SETTLED, Deadlines, new_deadlines
-from safeserve.decisions import RawReason, json_safe
+from safeserve.decisions import RawReason
 from safeserve.degrade import Degradation, failed_attempt
 from safeserve.errors import AttemptTimeout, NoFallbackAvailable
 from safeserve.guard import AsyncGuard, Guard
+from safeserve.integrations.encoding import Unencodable, encode_answer
 from safeserve.logwriter import flush_logs
 from safeserve.pipeline import Pipeline
 from safeserve.policy import Policy
@@ -41,8 +42,10 @@ from safeserve.recording import loads_json
 SERVED_BY = b"x-safeserve-served-by"
 DEGRADED = b"x-safeserve-degraded"
 _HEALTHY = [(SERVED_BY, b"primary"), (DEGRADED, b"false")]
+_UNAVAILABLE = [(SERVED_BY, b"none"), (DEGRADED, b"true")]
 _NOTHING_NOTED: Any = ()  # a request's `noted` while nothing can be noted (falsy, never appended)
 _JSON = (b"content-type", b"application/json")
+Headers = list[tuple[bytes, bytes]]
 # Called through module-level names: in Python 3.11 a method called on an imported name, or on
 # an attribute holding a callable, is looked up on every call instead of specialized.
 _set_noted = _outcomes.set
@@ -550,18 +553,18 @@ class _Responder:
         token = _set_noted(self.noted)  # the guard notes how it answered
         try:
             value = await guard._fallback_async(d, self.t0, False, notices)
-        except NoFallbackAvailable:
+            content = encode_answer(value)
+        except (NoFallbackAvailable, Unencodable):  # Unencodable: a fallback's bug
             retry_after = max(1, math.ceil(guard.breaker.retry_after_s()))
-            body = {"error": "unavailable", "policy": guard.name}
+            body = json.dumps({"error": "unavailable", "policy": guard.name}).encode()
             extra = [(b"retry-after", str(retry_after).encode())]
-            await self.respond(503, body, _noted_headers(self.noted[-1:]) + extra)
+            await self.respond(503, body, [*_UNAVAILABLE, *extra])
             return
         finally:
             _reset_noted(token)
-        await self.respond(200, json_safe(value), _noted_headers(self.noted[-1:]))
+        await self.respond(200, content, _noted_headers(self.noted[-1:]))
 
-    async def respond(self, status: int, body: Any, headers: list[tuple[bytes, bytes]]) -> None:
-        content = json.dumps(body, separators=(",", ":")).encode()
+    async def respond(self, status: int, content: bytes, headers: Headers) -> None:
         length = (b"content-length", str(len(content)).encode())
         start = {"type": "http.response.start", "status": status}
         await self.send({**start, "headers": [_JSON, length, *headers]})

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
 import httpx
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 
 import safeserve as ss
@@ -273,3 +273,58 @@ def failing_app() -> FastAPI:
         raise RuntimeError("the model is down")
 
     return app
+
+
+def test_a_fallback_is_not_kept_waiting_for_a_body_it_cannot_use() -> None:
+    """An open breaker answers from a fallback without the endpoint: the body is read for the
+    fallback only up to max_body_bytes (past it the fallback gets None anyway)."""
+    seen: list[Any] = []
+    fallback = ss.Fallback.model("backup", lambda body: seen.append(body) or {"label": "review"})
+    middleware = SafeServeMiddleware(
+        failing_app(),
+        routes={"/p": ss.Policy(name="big", fallbacks=[fallback])},
+        max_body_bytes=1000,
+    )
+    middleware.guards[0].force_open()
+    reads = 0
+
+    async def endless_upload() -> Message:
+        nonlocal reads
+        reads += 1
+        return {"type": "http.request", "body": b"x" * 65536, "more_body": reads < 2000}
+
+    client = Client()
+    asyncio.run(middleware(scope(), endless_upload, client.send))
+    assert client.statuses() == [200]
+    assert seen == [None]
+    assert reads <= 2
+
+
+def test_a_stalled_upload_does_not_hold_the_fallback_past_the_time_budget() -> None:
+    """The endpoint waits for a body the client stalls on: at the deadline the fallback answers
+    at once, with None for the body it did not get."""
+    seen: list[Any] = []
+    fallback = ss.Fallback.model("backup", lambda body: seen.append(body) or {"label": "review"})
+    app = FastAPI()
+
+    @app.post("/p")
+    async def reads_the_body(request: Request) -> dict[str, Any]:
+        return {"size": len(await request.body())}
+
+    middleware = SafeServeMiddleware(
+        app, routes={"/p": ss.Policy(name="stall", timeout_s=0.2, fallbacks=[fallback])}
+    )
+    parts = [b'{"amount":', b" 1}"]
+
+    async def stalling() -> Message:
+        if len(parts) == 2:
+            return {"type": "http.request", "body": parts.pop(0), "more_body": True}
+        await asyncio.sleep(3)  # the client stalls mid-upload
+        return {"type": "http.request", "body": parts.pop(0), "more_body": False}
+
+    client = Client()
+    t0 = time.perf_counter()
+    asyncio.run(middleware(scope(), stalling, client.send))
+    assert client.statuses() == [200]
+    assert time.perf_counter() - t0 < 2.0  # generous: the budget is 0.2 s, the stall 3 s
+    assert seen == [None]

@@ -516,14 +516,27 @@ class _Responder:
             guard._trace_healthy(p.tracer, self.permit, self.t0)
 
     async def request_input(self) -> Any:
-        """The request body as parsed JSON (None when absent, too large or not JSON)."""
+        """The request body as parsed JSON (None when absent, too large, not JSON, or not all
+        read within what is left of the time budget): read on no further than max_body."""
+        budget = self.route.guard._p.timeout_s
+        if budget is None:
+            await self._read_rest()
+        else:
+            try:
+                async with asyncio.timeout(max(0.0, self.t0 + budget - perf_counter())):
+                    await self._read_rest()
+            except TimeoutError:
+                return None
+        return self.parsed_body()
+
+    async def _read_rest(self) -> None:
         first = self.first
         if first is None:  # the endpoint did not run, or read nothing
             first = self.first = await self.receive()
         if first["type"] == "http.request" and first.get("more_body"):
-            while self.rest is None or not self.rest.done:
+            limit = self.route.max_body - len(first.get("body", b""))
+            while not (self.rest and (self.rest.done or self.rest.size > limit)):
                 self._keep(await self.receive())
-        return self.parsed_body()
 
     def parsed_body(self) -> Any:
         """The body read so far as parsed JSON (None when absent, too large or not JSON)."""

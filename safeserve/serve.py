@@ -19,6 +19,7 @@ import re
 import socket
 import sys
 from collections.abc import Mapping, Sequence
+from http import HTTPStatus
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -29,6 +30,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from safeserve.config import load_policies
 from safeserve.configfile import SUFFIXES
@@ -107,11 +109,13 @@ def build_app(
         title="safeserve",
         description=f"Guarded models from {Path(policies_path).name}",
         version="1",
+        redirect_slashes=False,  # ".../predict/" is not found, not redirected without headers
     )
     app.add_middleware(FlushLogsAtShutdown)  # SIGTERM ends uvicorn before `atexit` handlers
     app.state.unserved = [name for name in policies if name not in served]
     install_error_handlers(app)
     app.add_exception_handler(Exception, _internal_error_answered)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     schemas: dict[str, type[BaseModel]] = {}
     for name, guarded in built.items():
         validation = guarded.policy.validation
@@ -372,6 +376,15 @@ def _route_names(route: APIRoute) -> frozenset[str]:
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     """A bug of ours: a plain 500 (the trace goes to the server's log, never to the client)."""
     return JSONResponse({"error": "internal_error"}, 500)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    """The router's own answers (no such model: 404, a GET on predict: 405) in the app's
+    shape, `{"error": "not_found"}`, with the X-SafeServe headers."""
+    status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
+    extra = exc.headers if isinstance(exc, StarletteHTTPException) and exc.headers else {}
+    error = HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    return JSONResponse({"error": error}, status, headers={**extra, **_headers(None, False)})
 
 
 async def _internal_error_answered(request: Request, exc: Exception) -> JSONResponse:

@@ -836,6 +836,28 @@ class TestAdminRoutes:
         assert act("nobody/open").status_code == 404
         assert act("admin-b/explode").status_code == 404
 
+    def test_a_guard_whose_name_holds_a_slash_can_be_controlled(self) -> None:
+        guard = ss.guard(policy("team/fraud v2"))(Model().answer)
+        app = self.admin([guard])
+        auth = {"headers": {"authorization": f"Bearer {TOKEN}"}}
+        r = run(app, ("POST", "/safeserve/breakers/team%2Ffraud%20v2/open", auth))[0]
+        assert (r.status_code, r.json()["states"]) == (200, ["open"])
+        assert guard.breaker.state == "open"
+
+    def test_openapi_documents_what_the_admin_routes_answer(self, guards: list[ss.Guarded]) -> None:
+        """Metrics are text, health may be 503, the breaker routes ask for a bearer token and
+        may refuse: what a generated client or a contract test reads."""
+        spec = run(self.admin(guards), ("GET", "/openapi.json", {}))[0].json()
+        paths = spec["paths"]
+        assert set(paths["/safeserve/metrics"]["get"]["responses"]["200"]["content"]) == {
+            "text/plain"
+        }
+        assert "503" in paths["/safeserve/health"]["get"]["responses"]
+        action = paths["/safeserve/breakers/{name}/{action}"]["post"]
+        assert {"401", "403", "404"} <= set(action["responses"])
+        assert action["security"] == [{"HTTPBearer": []}]
+        assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
 
 class TestRealUvicorn:
     def get(self, server: UvicornServer, path: str, **kw: Any) -> httpx.Response:

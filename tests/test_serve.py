@@ -213,6 +213,24 @@ class TestApp:
         assert r.headers["X-SafeServe-Degraded"] == "true"
         assert r.headers["X-SafeServe-Served-By"] != "primary"
 
+    @pytest.mark.parametrize(
+        ("method", "url", "status", "error"),
+        [
+            ("GET", "/v1/models/fraud/predict", 405, "method_not_allowed"),
+            ("POST", "/v1/models/nope/predict", 404, "not_found"),
+            ("POST", "/v1/models/fraud/predict/", 404, "not_found"),  # not a bare redirect
+        ],
+    )
+    def test_the_routers_own_answers_have_the_apps_shape_and_headers(
+        self, method: str, url: str, status: int, error: str
+    ) -> None:
+        r = request(build_app(POLICIES), method, url, json=TXN)
+        assert (r.status_code, r.json()) == (status, {"error": error})
+        assert r.headers["X-SafeServe-Served-By"] == "none"
+        assert r.headers["X-SafeServe-Degraded"] == "false"
+        if status == 405:
+            assert r.headers["Allow"] == "POST"
+
     def test_openapi_shows_the_schema_of_each_route(self) -> None:
         app = build_app(POLICIES)
         spec = request(app, "GET", "/openapi.json").json()

@@ -12,10 +12,11 @@ import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from time import monotonic
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Header
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, Header, Security
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -149,6 +150,10 @@ def _refusal(authorization: str | None, token: str | None) -> JSONResponse | Non
     return None
 
 
+def _described(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {}}}
+
+
 def admin_router(
     guards: Iterable[Guard] | None = None, token: str | None = None, prefix: str = "/safeserve"
 ) -> APIRouter:
@@ -172,7 +177,7 @@ def admin_router(
     metrics.register(_Collector(chosen))
     router = APIRouter(prefix=prefix, tags=["safeserve"])
 
-    @router.get("/health")
+    @router.get("/health", responses={503: _described("a guard's breaker is open")})
     async def health() -> JSONResponse:
         entries = []
         for g in chosen():
@@ -193,11 +198,21 @@ def admin_router(
         body = {"status": "unavailable" if down else "ok", "guards": entries}
         return JSONResponse(body, 503 if down else 200)
 
-    @router.get("/metrics")
+    @router.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
 
-    @router.post("/breakers/{name}/{action}")
+    # {name:path}: a guard's name may hold "/" (sent as %2F); the action is the last segment
+    @router.post(
+        "/breakers/{name:path}/{action}",
+        # documents the bearer scheme in OpenAPI; `_refusal` reads the header itself
+        dependencies=[Security(HTTPBearer(auto_error=False))],
+        responses={
+            401: _described("no bearer token sent"),
+            403: _described("the wrong token, or none configured"),
+            404: _described("no such guard or action"),
+        },
+    )
     async def breaker_action(
         name: str, action: str, authorization: Annotated[str | None, Header()] = None
     ) -> JSONResponse:

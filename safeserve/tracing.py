@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from safeserve.decisions import Record
@@ -32,7 +33,7 @@ class SpanAnnotator:
     """Sets `safeserve.*` attributes on the current span, and a `safeserve.degraded` event for a
     degraded call; does nothing when the current span is not recording."""
 
-    __slots__ = ("_current_span", "_static")
+    __slots__ = ("_current_span", "_static", "_use_span")
 
     def __init__(self, policy: str, owner: str | None, model_version: str | None) -> None:
         try:
@@ -40,12 +41,21 @@ class SpanAnnotator:
         except ImportError:
             raise PolicyError([OTEL_MISSING]) from None
         self._current_span: Callable[[], Any] = trace.get_current_span
+        self._use_span = trace.use_span
         static = {"safeserve.policy": policy}
         if owner is not None:
             static["safeserve.owner"] = owner
         if model_version is not None:
             static["safeserve.model_version"] = model_version
         self._static = static
+
+    def current_span(self) -> Any:
+        """The span current now, for `annotating` to come back to."""
+        return self._current_span()
+
+    def annotating(self, span: Any) -> AbstractContextManager[Any]:
+        """Makes `span` current (not ended on exit), so what is noted meanwhile lands on it."""
+        return self._use_span(span, end_on_exit=False)
 
     def healthy(self, breaker_state: str, latency_ms: float, confidence: float | None) -> None:
         """A healthy call that built no record: served by the primary, not degraded."""

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import safeserve as ss
 from safeserve.config import file_json_schema
+from safeserve.fastapi import SafeServeMiddleware
 
 CARD = "4000-0000-0000-0002"
 EMAIL = "someone@example.com"
@@ -356,15 +357,16 @@ class TestConfigFile:
 class SpanPerRequest:
     """A span around each HTTP request, current while the app runs (as OTel's ASGI middleware)."""
 
-    def __init__(self, app: ASGIApp, tracer: Tracer) -> None:
+    def __init__(self, app: ASGIApp, tracer: Tracer, name: str = "") -> None:
         self.app = app
         self.tracer = tracer
+        self.name = name
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        with self.tracer.start_as_current_span(f"{scope['method']} {scope['path']}"):
+        with self.tracer.start_as_current_span(f"{self.name}{scope['method']} {scope['path']}"):
             await self.app(scope, receive, send)
 
 
@@ -430,3 +432,22 @@ class TestFastAPIMiddleware:
         post_all(app, {"amount": 1.0}, {"amount": 2.0, "mode": "crash"}, {"amount": 3.0})
         served = [attrs(s)["safeserve.served_by"] for s in spans.finished()]
         assert served == ["primary", "rules", "primary"]
+
+    def test_the_request_span_is_annotated_when_the_endpoint_has_a_span_of_its_own(
+        self, spans: Spans
+    ) -> None:
+        """A framework that opens a span around its endpoint (FastAPI does) has it current
+        while the response starts: healthy and degraded requests alike still annotate the
+        request's span, where a dashboard of server spans looks."""
+        model = Model()
+        guard = ss.guard(policy("route-inner", fallbacks=[rules_fallback()]))(model.answer)
+        endpoint_app = build_app(model, {})
+        inner = SpanPerRequest(endpoint_app, spans.tracer, name="endpoint ")
+        app = SpanPerRequest(SafeServeMiddleware(inner, {"/predict": guard}), spans.tracer)
+        post_all(app, {"amount": 1.0}, {"amount": 2.0, "mode": "crash"})
+        by_name = {}
+        for span in spans.finished():
+            by_name.setdefault(span.name, []).append(attrs(span))
+        served = [a["safeserve.served_by"] for a in by_name["POST /predict"]]
+        assert served == ["primary", "rules"]
+        assert all(a == {} for a in by_name["endpoint POST /predict"])

@@ -307,12 +307,14 @@ class _Responder:
         "rest",
         "route",
         "send",
+        "span",
         "state",
         "t0",
         "task",
     )
     deadline: float
     failed_status: int
+    span: Any
     task: asyncio.Task[Any] | None
 
     def __init__(self, route: _Route, receive: Receive, send: Send) -> None:
@@ -339,6 +341,8 @@ class _Responder:
             self.noted = []
             token = _set_noted(self.noted)
         budget = p.timeout_s
+        if p.tracer is not None:  # the request's span: the endpoint's framework may open its own
+            self.span = p.tracer.current_span()
         try:
             if guard.forced is not None:
                 await self.fall_back(guard._drill(p, (), {}, 0), None)
@@ -504,16 +508,28 @@ class _Responder:
         return send(message)
 
     def healthy_extras(self, p: Pipeline, latency: float) -> None:
-        """A healthy answer's record, when sampled (its input: the body, if the endpoint read it
-        all), and its span annotated (`log.trace`)."""
-        guard = self.route.guard
-        if p.sample_rate and random() < p.sample_rate:
-            first = self.first
-            done = first is None or not first.get("more_body") or (self.rest and self.rest.done)
-            x = self.parsed_body() if done else None
-            guard._healthy_record(p, x, None, None, self.permit, None, latency, self.t0, True)
-        elif p.tracer is not None:  # OpenTelemetry (`log.trace`): annotate the request span
-            guard._trace_healthy(p.tracer, self.permit, self.t0)
+        """A healthy answer's record, when sampled (`log.sample_rate`), and the request's span
+        annotated (`log.trace`): the span current when the request came in, as for a degraded
+        answer, not one the endpoint's framework has open while the response starts."""
+        if p.tracer is None:
+            self.sample(p, latency)
+            return
+        with p.tracer.annotating(self.span):
+            if not self.sample(p, latency):
+                self.route.guard._trace_healthy(p.tracer, self.permit, self.t0)
+
+    def sample(self, p: Pipeline, latency: float) -> bool:
+        """Whether the answer was sampled, and then its record (its input: the body, if the
+        endpoint read it all)."""
+        if not (p.sample_rate and random() < p.sample_rate):
+            return False
+        first = self.first
+        done = first is None or not first.get("more_body") or (self.rest and self.rest.done)
+        x = self.parsed_body() if done else None
+        self.route.guard._healthy_record(
+            p, x, None, None, self.permit, None, latency, self.t0, True
+        )
+        return True
 
     async def request_input(self) -> Any:
         """The request body as parsed JSON (None when absent, too large, not JSON, or not all

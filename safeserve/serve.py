@@ -39,7 +39,7 @@ from safeserve.errors import InputRejected, NoFallbackAvailable, PolicyError, Pr
 from safeserve.guard import AsyncGuard, Guard
 from safeserve.integrations.admin import admin_router
 from safeserve.integrations.encoding import encode_answer
-from safeserve.integrations.middleware import FlushLogsAtShutdown
+from safeserve.integrations.middleware import FlushLogsAtShutdown, failed_request_headers
 from safeserve.pipeline import build_problems
 from safeserve.policy import Policy
 from safeserve.recording import loads_json
@@ -374,8 +374,10 @@ def _route_names(route: APIRoute) -> frozenset[str]:
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    """A bug of ours: a plain 500 (the trace goes to the server's log, never to the client)."""
-    return JSONResponse({"error": "internal_error"}, 500)
+    """A bug of ours: a plain 500 (the trace goes to the server's log, never to the client),
+    with the X-SafeServe headers if the endpoint called a guarded function."""
+    headers = failed_request_headers(request.scope)
+    return JSONResponse({"error": "internal_error"}, 500, headers=headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -26,7 +26,7 @@ from uvicorn_server import UvicornServer, uvicorn_server  # noqa: F401 (fixture)
 import safeserve as ss
 from safeserve import context, registry
 from safeserve.decisions import RawReason
-from safeserve.fastapi import SafeServeMiddleware, admin_router
+from safeserve.fastapi import SafeServeMiddleware, admin_router, install_error_handlers
 
 TOKEN = "s3cret-admin-token"
 BODY = {"amount": 12.0, "card_number": "4000-0000-0000-0002"}
@@ -447,6 +447,28 @@ class TestDecoratedFunctionHeaders:
         r = post(app, "/unlisted")
         assert r.json() == {"answer": {"label": "ok"}}
         assert headers_of(r) == ("primary", "false")
+
+    def test_unlisted_endpoint_failing_after_a_guarded_call_gets_the_headers_on_its_500(
+        self,
+    ) -> None:
+        """The guarded call had no answer (NoFallbackAvailable) and the endpoint let it
+        through: the 500 the app's error handler sends still says none / true."""
+
+        async def down(x: dict[str, Any]) -> dict[str, Any]:
+            raise ConnectionError("down")
+
+        helper = ss.guard(name="no-answer", fallbacks=[])(down)
+        app = build_app(Model(), {}, helper=helper)
+        install_error_handlers(app)
+
+        async def go() -> httpx.Response:
+            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                return await client.post("/unlisted", json=BODY)
+
+        r = asyncio.run(go())
+        assert (r.status_code, r.json()) == (500, {"error": "internal_error"})
+        assert headers_of(r) == ("none", "true")
 
     def test_unlisted_endpoint_calling_no_guarded_function_gets_no_headers(self) -> None:
         """Only endpoints that call a guarded function are annotated."""

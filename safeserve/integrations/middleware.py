@@ -45,6 +45,7 @@ _HEALTHY = [(SERVED_BY, b"primary"), (DEGRADED, b"false")]
 _UNAVAILABLE = [(SERVED_BY, b"none"), (DEGRADED, b"true")]
 _NOTHING_NOTED: Any = ()  # a request's `noted` while nothing can be noted (falsy, never appended)
 _JSON = (b"content-type", b"application/json")
+_NOTED_KEY = "safeserve.noted"  # in a failed request's scope: what its guarded calls noted
 Headers = list[tuple[bytes, bytes]]
 # Called through module-level names: in Python 3.11 a method called on an imported name, or on
 # an attribute holding a callable, is looked up on every call instead of specialized.
@@ -262,8 +263,21 @@ async def _annotated(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -
     token = _set_noted(noted)  # context.collect(), minus the generator's cost
     try:
         await app(scope, receive, send_noted)
+    except Exception:
+        if noted:  # for the 500 the app's error handler sends (`install_error_handlers`)
+            scope[_NOTED_KEY] = noted
+        raise
     finally:
         _reset_noted(token)
+
+
+def failed_request_headers(scope: Scope) -> dict[str, str]:
+    """The X-SafeServe headers for an unlisted request that failed after calling a guarded
+    function (none if it called none): its answer is sent by the app's error handler."""
+    noted = scope.get(_NOTED_KEY)
+    if not noted:
+        return {}
+    return {name.decode(): value.decode("latin-1") for name, value in _noted_headers(noted)}
 
 
 # What happens to the endpoint's messages (`_Responder.state`).

@@ -599,9 +599,10 @@ class _Responder:
             content = encode_answer(value)
         except (NoFallbackAvailable, Unencodable):  # Unencodable: a fallback's bug
             retry_after = max(1, math.ceil(guard.breaker.retry_after_s()))
-            body = json.dumps({"error": "unavailable", "policy": guard.name}).encode()
+            body = {"error": "unavailable", "policy": guard.name}
+            content = json.dumps(body, separators=(",", ":")).encode()
             extra = [(b"retry-after", str(retry_after).encode())]
-            await self.respond(503, body, [*_UNAVAILABLE, *extra])
+            await self.respond(503, content, [*_UNAVAILABLE, *extra])
             return
         finally:
             _reset_noted(token)

@@ -39,11 +39,14 @@ def policy(name: str, **fields: Any) -> ss.Policy:
     return ss.Policy(name=name, owner="risk-ml-oncall", **fields)
 
 
-def run(app: FastAPI, *calls: tuple[str, str, dict[str, Any]]) -> list[httpx.Response]:
-    """Send requests concurrently to `app` through httpx.ASGITransport."""
+def run(
+    app: FastAPI, *calls: tuple[str, str, dict[str, Any]], raise_app_exceptions: bool = True
+) -> list[httpx.Response]:
+    """Send requests concurrently to `app` through httpx.ASGITransport (an exception the app
+    lets through: raised, or as a server answers it, `raise_app_exceptions=False`)."""
 
     async def send_all() -> list[httpx.Response]:
-        transport = httpx.ASGITransport(app=app)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             jobs = [client.request(method, url, **kw) for method, url, kw in calls]
             return list(await asyncio.gather(*jobs))
@@ -460,13 +463,7 @@ class TestDecoratedFunctionHeaders:
         helper = ss.guard(name="no-answer", fallbacks=[])(down)
         app = build_app(Model(), {}, helper=helper)
         install_error_handlers(app)
-
-        async def go() -> httpx.Response:
-            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-                return await client.post("/unlisted", json=BODY)
-
-        r = asyncio.run(go())
+        [r] = run(app, ("POST", "/unlisted", {"json": BODY}), raise_app_exceptions=False)
         assert (r.status_code, r.json()) == (500, {"error": "internal_error"})
         assert headers_of(r) == ("none", "true")
 

@@ -186,9 +186,14 @@ def assert_clean_422(r: httpx.Response, *leaks: object) -> list[dict[str, str]]:
     return problems
 
 
-def request(app: Any, method: str, url: str, **kw: Any) -> httpx.Response:
+def request(
+    app: Any, method: str, url: str, raise_app_exceptions: bool = True, **kw: Any
+) -> httpx.Response:
+    """One request through the ASGI stack (`raise_app_exceptions=False`: as a server answers
+    an exception the app let through, with starlette's error middleware's 500)."""
+
     async def go() -> httpx.Response:
-        transport = httpx.ASGITransport(app=app)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             return await client.request(method, url, **kw)
 
@@ -518,12 +523,8 @@ class TestInvalidInput:
         path = tmp_path / "policies.yaml"
         path.write_text(f"policies:\n{policies}")
 
-        async def go() -> httpx.Response:
-            transport = httpx.ASGITransport(app=build_app(path), raise_app_exceptions=False)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-                return await client.post("/v1/models/opaque/predict", json={})
-
-        r = asyncio.run(go())
+        app = build_app(path)
+        r = request(app, "POST", "/v1/models/opaque/predict", raise_app_exceptions=False, json={})
         assert (r.status_code, r.json()) == (500, {"error": "internal_error"})
         assert "object" not in r.text
         assert r.headers["X-SafeServe-Degraded"] == "true"
@@ -536,13 +537,7 @@ class TestInvalidInput:
 
         monkeypatch.setattr(serve_module, "encode_answer", broken)
         app = build_app(policy_file("reject"))
-
-        async def go() -> httpx.Response:
-            transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-                return await client.post("/v1/models/free/predict", json=TXN)
-
-        r = asyncio.run(go())
+        r = request(app, "POST", "/v1/models/free/predict", raise_app_exceptions=False, json=TXN)
         assert (r.status_code, r.json()) == (500, {"error": "internal_error"})
         assert (r.headers["X-SafeServe-Served-By"], r.headers["X-SafeServe-Degraded"]) == (
             "none",

@@ -13,6 +13,7 @@ import itertools
 import math
 import threading
 from collections import deque
+from collections.abc import Callable
 from random import random
 from time import perf_counter
 from typing import Any
@@ -231,8 +232,15 @@ class DegradationPath:
         return self._finish(d, None, None, t0, want)
 
     async def _fallback_async(
-        self, d: Degradation, t0: float, want: bool, notices: list[RawReason] | None = None
+        self,
+        d: Degradation,
+        t0: float,
+        want: bool,
+        notices: list[RawReason] | None = None,
+        check: Callable[[Any], object] | None = None,
     ) -> Any:
+        """Walk the fallbacks; `check` (the middleware's: the answer has a JSON form) raising
+        for an answer counts as that fallback failing."""
         if notices:
             d.reasons.extend(notices)
         fb_args = d.args[d.offset :]
@@ -240,6 +248,8 @@ class DegradationPath:
             t = perf_counter()
             try:
                 value = await step.answer_async(d.x, fb_args, d.kwargs, None)
+                if check is not None:
+                    check(value)
             except Exception as exc:
                 self._fallback_failed(d, step, exc, perf_counter() - t)
                 continue

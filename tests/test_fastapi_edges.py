@@ -14,8 +14,10 @@ from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
+from starlette.requests import ClientDisconnect
 
 import safeserve as ss
 from safeserve.decisions import RawReason
@@ -251,18 +253,145 @@ def test_a_fallbacks_answer_is_sent_as_json_values() -> None:
     }
 
 
-def test_a_fallbacks_answer_with_no_json_form_is_a_clean_503() -> None:
-    fallback = ss.Fallback.model("backup", lambda body: {"handle": object()})
+@pytest.mark.parametrize("then", ["no other fallback", "another fallback"])
+def test_a_fallback_whose_answer_has_no_json_form_has_failed(then: str) -> None:
+    """Its answer cannot be sent, so it counts as that fallback failing: the next one answers,
+    or the route says 503, and the record says what the client got."""
+    fallbacks = [ss.Fallback.model("opaque", lambda body: {"handle": object()})]
+    if then == "another fallback":
+        fallbacks.append(ss.Fallback.static("default", {"label": "review"}))
     middleware = SafeServeMiddleware(
-        failing_app(), routes={"/p": ss.Policy(name="u", fallbacks=[fallback])}
+        failing_app(), routes={"/p": ss.Policy(name="u", fallbacks=fallbacks)}
     )
     client = Client()
     asyncio.run(middleware(scope(), client.receive, client.send))
     start, body = client.sent
+    [record] = middleware.guards[0].decisions()
+    assert "fallback_failed" in [r.code for r in record.reasons]
+    if then == "another fallback":
+        assert (start["status"], json.loads(body["body"])) == (200, {"label": "review"})
+        assert record.served_by == "default"
+        return
     assert start["status"] == 503
     assert (b"x-safeserve-served-by", b"none") in start["headers"]
     assert (b"x-safeserve-degraded", b"true") in start["headers"]
     assert json.loads(body["body"]) == {"error": "unavailable", "policy": "u"}
+    assert record.served_by is None
+
+
+def test_the_body_is_not_waited_for_once_its_first_part_is_over_the_limit() -> None:
+    """An open breaker, a first part already past max_body_bytes, then a stalled client: the
+    fallback answers at once with None for the body."""
+    seen: list[Any] = []
+    fallback = ss.Fallback.model("backup", lambda body: seen.append(body) or {"label": "review"})
+    middleware = SafeServeMiddleware(
+        failing_app(),
+        routes={"/p": ss.Policy(name="over", fallbacks=[fallback])},
+        max_body_bytes=1000,
+    )
+    middleware.guards[0].force_open()
+    parts = [{"type": "http.request", "body": b"x" * 5000, "more_body": True}]
+
+    async def stalling() -> Message:
+        if parts:
+            return parts.pop()
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    client = Client()
+
+    async def main() -> None:
+        async with asyncio.timeout(5):  # generous: it answers at once
+            await middleware(scope(), stalling, client.send)
+
+    asyncio.run(main())
+    assert client.statuses() == [200]
+    assert seen == [None]
+
+
+def test_a_deadline_cancellation_the_endpoint_turns_into_an_error_is_a_timeout() -> None:
+    """The endpoint catches the deadline's CancelledError and raises something else: the
+    failure is still the timeout, and the task is no longer marked as being cancelled (its
+    later deadlines would otherwise be skipped)."""
+    app = FastAPI()
+
+    @app.post("/p")
+    async def converts() -> dict[str, Any]:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise RuntimeError("interrupted") from None
+        return {}
+
+    middleware = SafeServeMiddleware(
+        app, routes={"/p": ss.Policy(name="conv", timeout_s=0.05, fallbacks=STATIC)}
+    )
+    client = Client()
+
+    async def main() -> int:
+        await middleware(scope(), client.receive, client.send)
+        task = asyncio.current_task()
+        assert task is not None
+        return task.cancelling()
+
+    assert asyncio.run(main()) == 0
+    assert client.statuses() == [200]
+    [record] = middleware.guards[0].decisions()
+    assert [r.code for r in record.reasons] == ["timeout"]
+
+
+def test_a_notice_taken_by_a_request_with_no_outcome_goes_on_the_next_record() -> None:
+    """The client left mid-upload (no outcome): the breaker notice it took is not lost."""
+    app = FastAPI()
+
+    @app.post("/p")
+    async def raw(request: Request) -> dict[str, Any]:
+        return {"size": len(await request.body())}
+
+    middleware = SafeServeMiddleware(app, routes={"/p": ss.Policy(name="left", fallbacks=STATIC)})
+    guard = middleware.guards[0]
+    guard.breaker.post_notice(RawReason("store_unavailable", "admit", "redis down"))
+
+    async def leave() -> Message:
+        return {"type": "http.disconnect"}
+
+    async def main() -> None:
+        with contextlib.suppress(ClientDisconnect):
+            await middleware(scope(), leave, Client().send)
+        client = Client()
+        await middleware(scope(), client.receive, client.send)
+        assert client.statuses() == [200]
+
+    asyncio.run(main())
+    [record] = guard.decisions()
+    assert record.served_by == "primary"
+    assert "store_unavailable" in [r.code for r in record.reasons]
+
+
+def test_tracing_turned_on_by_a_reload_mid_request_does_not_break_it() -> None:
+    """A request admitted before the reload keeps no span; its answer still goes out."""
+    app = FastAPI()
+    release = asyncio.Event()
+
+    @app.post("/p")
+    async def waits() -> dict[str, Any]:
+        await release.wait()
+        return {"label": "approve"}
+
+    middleware = SafeServeMiddleware(app, routes={"/p": ss.Policy(name="tr", fallbacks=STATIC)})
+    guard = middleware.guards[0]
+    client = Client()
+
+    async def main() -> None:
+        request = asyncio.create_task(middleware(scope(), client.receive, client.send))
+        await asyncio.sleep(0.01)
+        guard.reload(ss.Policy(name="tr", fallbacks=STATIC, log=ss.DecisionLogConfig(trace=True)))
+        release.set()
+        await request
+
+    asyncio.run(main())
+    assert client.statuses() == [200]
+    assert json.loads(client.sent[1]["body"]) == {"label": "approve"}
 
 
 def failing_app() -> FastAPI:

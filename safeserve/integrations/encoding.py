@@ -7,16 +7,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections import deque
 from collections.abc import Mapping
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from enum import Enum
 from pathlib import PurePath
+from types import GeneratorType
 from typing import Any
 from uuid import UUID
 
 import numpy as np
 from pydantic import BaseModel
+from pydantic_core import PydanticSerializationError
+
+_COMPACT = (",", ":")
 
 
 class Unencodable(TypeError):
@@ -34,12 +39,17 @@ def encode_answer(value: Any) -> bytes:
     integer too long to write."""
     try:
         plain = _plain(value)
-        try:
-            return json.dumps(plain, ensure_ascii=False, separators=(",", ":")).encode()
-        except UnicodeEncodeError:
-            return json.dumps(plain, separators=(",", ":")).encode()  # ASCII, escaped
     except RecursionError:
         raise Unencodable("the answer is nested too deeply") from None
+    except PydanticSerializationError:
+        raise Unencodable("the answer holds a pydantic model that cannot be serialised") from None
+    try:
+        try:
+            return json.dumps(
+                plain, ensure_ascii=False, allow_nan=False, separators=_COMPACT
+            ).encode()
+        except UnicodeEncodeError:
+            return json.dumps(plain, allow_nan=False, separators=_COMPACT).encode()  # escaped
     except ValueError:  # int's digit limit (sys.set_int_max_str_digits)
         raise Unencodable("the answer holds an integer too long to write") from None
 
@@ -51,8 +61,12 @@ def _plain(value: Any) -> Any:
         return value if math.isfinite(value) else None
     if isinstance(value, Mapping):
         return {_key(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
+    if isinstance(value, list | tuple | set | frozenset | deque | GeneratorType):
         return [_plain(v) for v in value]
+    if isinstance(value, np.datetime64 | np.timedelta64) or (
+        isinstance(value, np.ndarray) and value.dtype.kind in "mM"
+    ):
+        return _plain(_numpy_time(value))
     if isinstance(value, np.ndarray | np.generic):
         return _plain(value.tolist())
     if isinstance(value, BaseModel):
@@ -79,10 +93,21 @@ def _key(key: Any) -> str:
     """A mapping's key as JSON writes it (None is "null", True "true")."""
     if isinstance(key, str):
         return key
+    if isinstance(key, float):  # as json.dumps writes a key: NaN, Infinity
+        return json.dumps(key)
     plain = _plain(key)
     if isinstance(plain, dict | list):
         raise Unencodable(f"an answer has a {type(key).__name__} as a key")
     return plain if isinstance(plain, str) else json.dumps(plain)
+
+
+def _numpy_time(value: Any) -> Any:
+    """numpy dates in ISO 8601 and durations in seconds, at any unit; None for NaT."""
+    if value.dtype.kind == "M":
+        text = np.datetime_as_string(value).astype(object)
+        dates: Any = np.where(np.isnat(value), None, text)
+        return dates.tolist()
+    return (value / np.timedelta64(1, "s")).tolist()  # NaT: NaN, then null
 
 
 def _decimal(value: Decimal) -> int | float | None:
@@ -90,4 +115,7 @@ def _decimal(value: Decimal) -> int | float | None:
     if not value.is_finite():
         return None
     exponent = value.as_tuple().exponent
-    return int(value) if isinstance(exponent, int) and exponent >= 0 else float(value)
+    if isinstance(exponent, int) and exponent >= 0:
+        return int(value)
+    number = float(value)
+    return number if math.isfinite(number) else None  # past a float's range

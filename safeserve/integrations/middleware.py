@@ -10,6 +10,7 @@ by a fallback's answer; any other start is sent at once and the body streams thr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import math
@@ -33,7 +34,7 @@ from safeserve.decisions import RawReason
 from safeserve.degrade import Degradation, failed_attempt
 from safeserve.errors import AttemptTimeout, NoFallbackAvailable
 from safeserve.guard import AsyncGuard, Guard
-from safeserve.integrations.encoding import Unencodable, encode_answer
+from safeserve.integrations.encoding import encode_answer
 from safeserve.logwriter import flush_logs
 from safeserve.pipeline import Pipeline
 from safeserve.policy import Policy
@@ -393,7 +394,9 @@ class _Responder:
                 if self.state == _STARTED or isinstance(exc, ClientDisconnect):
                     self.abandoned(permit, notices)
                     raise
-                failure = exc
+                # the endpoint turned the deadline's cancellation into another error: still a
+                # timeout, and the task's cancellation is taken back (`timed_out`)
+                failure = _timeout(budget) if self.state == _CANCELLED and self.timed_out() else exc
             else:
                 if self.state == _STARTED:  # served by the endpoint, counted at its start
                     if notices:
@@ -427,7 +430,10 @@ class _Responder:
             if notices:
                 self.served_with(notices)
             return
-        self.route.guard.breaker.release(permit)
+        breaker = self.route.guard.breaker
+        breaker.release(permit)
+        for notice in notices or ():  # for the next call's record
+            breaker.post_notice(notice)
         self.state = _DROPPED  # its deadline must not cancel the task's later work
 
     def served_with(self, notices: list[RawReason]) -> None:
@@ -528,7 +534,9 @@ class _Responder:
         if p.tracer is None:
             self.sample(p, latency)
             return
-        with p.tracer.annotating(self.span):
+        # no span kept if a reload turned tracing on while the request ran: the current one
+        span = getattr(self, "span", None)
+        with p.tracer.annotating(span) if span is not None else contextlib.nullcontext():
             if not self.sample(p, latency):
                 self.route.guard._trace_healthy(p.tracer, self.permit, self.t0)
 
@@ -565,7 +573,7 @@ class _Responder:
             first = self.first = await self.receive()
         if first["type"] == "http.request" and first.get("more_body"):
             limit = self.route.max_body - len(first.get("body", b""))
-            while not (self.rest and (self.rest.done or self.rest.size > limit)):
+            while limit >= 0 and not (self.rest and (self.rest.done or self.rest.size > limit)):
                 self._keep(await self.receive())
 
     def parsed_body(self) -> Any:
@@ -593,11 +601,15 @@ class _Responder:
         d.args = (await self.request_input(),)
         if not self.noted:
             self.noted = []
+        encoded: list[bytes] = []
+
+        def encodable(value: Any) -> None:  # else the fallback failed, and the next one answers
+            encoded.append(encode_answer(value))
+
         token = _set_noted(self.noted)  # the guard notes how it answered
         try:
-            value = await guard._fallback_async(d, self.t0, False, notices)
-            content = encode_answer(value)
-        except (NoFallbackAvailable, Unencodable):  # Unencodable: a fallback's bug
+            await guard._fallback_async(d, self.t0, False, notices, check=encodable)
+        except NoFallbackAvailable:
             retry_after = max(1, math.ceil(guard.breaker.retry_after_s()))
             body = {"error": "unavailable", "policy": guard.name}
             content = json.dumps(body, separators=(",", ":")).encode()
@@ -606,7 +618,7 @@ class _Responder:
             return
         finally:
             _reset_noted(token)
-        await self.respond(200, content, _noted_headers(self.noted[-1:]))
+        await self.respond(200, encoded[-1], _noted_headers(self.noted[-1:]))
 
     async def respond(self, status: int, content: bytes, headers: Headers) -> None:
         length = (b"content-length", str(len(content)).encode())

@@ -282,14 +282,7 @@ def test_a_fallback_whose_answer_has_no_json_form_has_failed(then: str) -> None:
 def test_the_body_is_not_waited_for_once_its_first_part_is_over_the_limit() -> None:
     """An open breaker, a first part already past max_body_bytes, then a stalled client: the
     fallback answers at once with None for the body."""
-    seen: list[Any] = []
-    fallback = ss.Fallback.model("backup", lambda body: seen.append(body) or {"label": "review"})
-    middleware = SafeServeMiddleware(
-        failing_app(),
-        routes={"/p": ss.Policy(name="over", fallbacks=[fallback])},
-        max_body_bytes=1000,
-    )
-    middleware.guards[0].force_open()
+    middleware, seen = open_route_keeping_bodies("over", max_body_bytes=1000)
     parts = [{"type": "http.request", "body": b"x" * 5000, "more_body": True}]
 
     async def stalling() -> Message:
@@ -407,14 +400,7 @@ def failing_app() -> FastAPI:
 def test_a_fallback_is_not_kept_waiting_for_a_body_it_cannot_use() -> None:
     """An open breaker answers from a fallback without the endpoint: the body is read for the
     fallback only up to max_body_bytes (past it the fallback gets None anyway)."""
-    seen: list[Any] = []
-    fallback = ss.Fallback.model("backup", lambda body: seen.append(body) or {"label": "review"})
-    middleware = SafeServeMiddleware(
-        failing_app(),
-        routes={"/p": ss.Policy(name="big", fallbacks=[fallback])},
-        max_body_bytes=1000,
-    )
-    middleware.guards[0].force_open()
+    middleware, seen = open_route_keeping_bodies("big", max_body_bytes=1000)
     reads = 0
 
     async def endless_upload() -> Message:
@@ -457,3 +443,13 @@ def test_a_stalled_upload_does_not_hold_the_fallback_past_the_time_budget() -> N
     assert client.statuses() == [200]
     assert time.perf_counter() - t0 < 2.0  # generous: the budget is 0.2 s, the stall 3 s
     assert seen == [None]
+
+
+def open_route_keeping_bodies(name: str, **options: Any) -> tuple[SafeServeMiddleware, list[Any]]:
+    """A route whose breaker is open, and the bodies its fallback was given."""
+    seen: list[Any] = []
+    fallback = ss.Fallback.model("backup", lambda body: seen.append(body) or {"label": "review"})
+    policy = ss.Policy(name=name, fallbacks=[fallback])
+    middleware = SafeServeMiddleware(failing_app(), routes={"/p": policy}, **options)
+    middleware.guards[0].force_open()
+    return middleware, seen

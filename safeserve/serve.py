@@ -383,10 +383,10 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     """The router's own answers (no such model: 404, a GET on predict: 405) in the app's
     shape, `{"error": "not_found"}`, with the X-SafeServe headers."""
-    status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
-    extra = exc.headers if isinstance(exc, StarletteHTTPException) and exc.headers else {}
-    error = HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
-    return JSONResponse({"error": error}, status, headers={**extra, **_headers(None, False)})
+    assert isinstance(exc, StarletteHTTPException)  # the type it is registered for
+    error = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+    headers = {**(exc.headers or {}), **_headers(None, False)}  # e.g. a 405's Allow
+    return JSONResponse({"error": error}, exc.status_code, headers=headers)
 
 
 async def _internal_error_answered(request: Request, exc: Exception) -> JSONResponse:

@@ -56,6 +56,11 @@ class Client:
     async def send(self, message: Message) -> None:
         self.sent.append(message)
 
+    @property
+    def io(self) -> tuple[Any, Any]:
+        """`receive` and `send`, as the middleware is called with them."""
+        return self.receive, self.send
+
     def statuses(self) -> list[int]:
         return [m["status"] for m in self.sent if m["type"] == "http.response.start"]
 
@@ -162,12 +167,12 @@ def test_a_probe_cancelled_mid_stream_keeps_its_half_open_slot_used() -> None:
 
     async def main() -> list[int]:
         clients = [Client(), Client(), Client()]
-        stream = asyncio.create_task(middleware(scope("/stream"), *_io(clients[0])))
-        slow = asyncio.create_task(middleware(scope("/slow"), *_io(clients[1])))
+        stream = asyncio.create_task(middleware(scope("/stream"), *clients[0].io))
+        slow = asyncio.create_task(middleware(scope("/slow"), *clients[1].io))
         await asyncio.sleep(0.05)
         stream.cancel()  # the server cancels the streaming request
         await asyncio.sleep(0.05)
-        third = asyncio.create_task(middleware(scope("/slow"), *_io(clients[2])))
+        third = asyncio.create_task(middleware(scope("/slow"), *clients[2].io))
         await asyncio.sleep(0.05)
         for task in (slow, third):
             task.cancel()
@@ -177,10 +182,6 @@ def test_a_probe_cancelled_mid_stream_keeps_its_half_open_slot_used() -> None:
     third_statuses = asyncio.run(main())
     assert entered == ["stream", "slow"]
     assert third_statuses == [200]  # the fallback answered it: both probe slots were taken
-
-
-def _io(client: Client) -> tuple[Any, Any]:
-    return client.receive, client.send
 
 
 def test_a_route_never_waits_for_a_bulkhead_slot_on_the_event_loop() -> None:

@@ -63,12 +63,8 @@ def _plain(value: Any) -> Any:
         return {_key(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple | set | frozenset | deque | GeneratorType):
         return [_plain(v) for v in value]
-    if isinstance(value, np.datetime64 | np.timedelta64) or (
-        isinstance(value, np.ndarray) and value.dtype.kind in "mM"
-    ):
-        return _plain(_numpy_time(value))
-    if isinstance(value, np.ndarray | np.generic):
-        return _plain(value.tolist())
+    if isinstance(value, np.ndarray | np.generic):  # arrays and scalars
+        return _plain(_numpy_time(value) if value.dtype.kind in "mM" else value.tolist())
     if isinstance(value, BaseModel):
         return _plain(value.model_dump(mode="json"))
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

@@ -125,7 +125,7 @@ def _template_regex(template: str) -> str:
     return "".join(out)
 
 
-def _add_headers(message: Message, extra: list[tuple[bytes, bytes]]) -> None:
+def _add_headers(message: Message, extra: Headers) -> None:
     headers = message.get("headers", ())
     # a new list: a Response object reuses its own header list for every send
     message["headers"] = headers + extra if type(headers) is list else [*headers, *extra]
@@ -148,7 +148,7 @@ def _timeout(budget: float | None) -> AttemptTimeout:
     return AttemptTimeout(f"no response within {(budget or 0) * 1000:.0f} ms")
 
 
-def _noted_headers(noted: Noted) -> list[tuple[bytes, bytes]]:
+def _noted_headers(noted: Noted) -> Headers:
     """Headers for what guarded calls inside the endpoint noted (the first degraded one wins)."""
     for served_by, degraded in noted:
         if degraded:
@@ -382,9 +382,9 @@ class _Responder:
                 app = route.app
                 await app(scope, self.receive_tee, send_checked)
             except asyncio.CancelledError:
-                # ours only if the deadline cancelled the task: not when another cancellation
-                # (the client or server went away, a caller's timeout) was already under way
-                if self.state != _CANCELLED or not self.timed_out():
+                # not ours when another cancellation (the client or server went away, a
+                # caller's timeout) came first
+                if not self.cancelled_at_deadline():
                     self.abandoned(permit, notices)
                     raise
                 failure: Exception = _timeout(budget)
@@ -394,9 +394,8 @@ class _Responder:
                 if self.state == _STARTED or isinstance(exc, ClientDisconnect):
                     self.abandoned(permit, notices)
                     raise
-                # the endpoint turned the deadline's cancellation into another error: still a
-                # timeout, and the task's cancellation is taken back (`timed_out`)
-                failure = _timeout(budget) if self.state == _CANCELLED and self.timed_out() else exc
+                # the endpoint may have turned the deadline's cancellation into another error
+                failure = _timeout(budget) if self.cancelled_at_deadline() else exc
             else:
                 if self.state == _STARTED:  # served by the endpoint, counted at its start
                     if notices:
@@ -454,6 +453,10 @@ class _Responder:
         if task is not None and not task.done() and not task.cancelling():
             self.state = _CANCELLED
             task.cancel()
+
+    def cancelled_at_deadline(self) -> bool:
+        """Whether the deadline cancelled the endpoint's task (that cancellation taken back)."""
+        return self.state == _CANCELLED and self.timed_out()
 
     def timed_out(self) -> bool:
         """Whether the endpoint ended because of the deadline (consumes our cancellation)."""

@@ -207,9 +207,9 @@ class BatchRun(FallbackWalk):
         p = self.p
         n = len(idx)
         bad_output: dict[int, RawReason] = {}
-        if not p.check_finite and p.output_schema is None:
+        if not p.check_finite and not p.checks_output:
             pass  # nothing to check in an answer
-        elif isinstance(value, np.ndarray) and value.dtype.kind in "fc" and p.output_schema is None:
+        elif isinstance(value, np.ndarray) and value.dtype.kind in "fc" and not p.checks_output:
             # one reduction says "all finite" (a sum overflowing to inf only costs the slow way)
             if n and not np.isfinite(value.sum()):
                 finite = np.isfinite(value.reshape(n, -1)).all(axis=1)

@@ -159,14 +159,20 @@ def _locate(value: dict[Any, Any], depth: int) -> str:
 
 
 class OutputCheck:
-    """Non-finite numbers anywhere in the answer (unless `finite` is False), and the output
-    schema if one is given."""
+    """Non-finite numbers anywhere in the answer (unless `finite` is False), the output schema
+    if one is given, and the guard's own check of its answers (`Guard.check_answers`) if set."""
 
-    __slots__ = ("finite", "schema")
+    __slots__ = ("answer", "finite", "schema")
 
-    def __init__(self, schema: type[BaseModel] | None, finite: bool = True) -> None:
+    def __init__(
+        self,
+        schema: type[BaseModel] | None,
+        finite: bool = True,
+        answer: Callable[[Any], object] | None = None,
+    ) -> None:
         self.schema = schema
         self.finite = finite
+        self.answer = answer
 
     def __call__(self, answer: Any) -> RawReason | None:
         where = first_non_finite(answer) if self.finite else None
@@ -182,4 +188,9 @@ class OutputCheck:
                     stage="output",
                     detail=f"schema: {', '.join(fields)}"[:200],
                 )
+        if self.answer is not None:
+            try:
+                self.answer(answer)
+            except Exception as err:  # the check's own words: they name types, not values
+                return RawReason(code="invalid_output", stage="output", detail=str(err)[:200])
         return None

@@ -220,10 +220,13 @@ class DegradationPath:
         if notices:
             d.reasons.extend(notices)
         fb_args = d.args[d.offset :]
+        answer_check = d.p.answer_check
         for step in d.p.steps:
             t = perf_counter()
             try:
                 value = step.answer(d.x, fb_args, d.kwargs, None)
+                if answer_check is not None:
+                    answer_check(value)
             except Exception as exc:
                 self._fallback_failed(d, step, exc, perf_counter() - t)
                 continue
@@ -239,15 +242,19 @@ class DegradationPath:
         notices: list[RawReason] | None = None,
         check: Callable[[Any], object] | None = None,
     ) -> Any:
-        """Walk the fallbacks; `check` (the middleware's: the answer has a JSON form) raising
-        for an answer counts as that fallback failing."""
+        """Walk the fallbacks; the guard's check of its answers (`Guard.check_answers`) or
+        `check` (the middleware's: the answer has a JSON form) raising for an answer counts as
+        that fallback failing."""
         if notices:
             d.reasons.extend(notices)
         fb_args = d.args[d.offset :]
+        answer_check = d.p.answer_check
         for step in d.p.steps:
             t = perf_counter()
             try:
                 value = await step.answer_async(d.x, fb_args, d.kwargs, None)
+                if answer_check is not None:
+                    answer_check(value)
                 if check is not None:
                     check(value)
             except Exception as exc:

@@ -25,7 +25,7 @@ from typing import Any
 
 from safeserve import context, registry
 from safeserve.breaker import Breaker, BreakerEvent
-from safeserve.confidence import first_non_finite
+from safeserve.confidence import OutputCheck, first_non_finite
 from safeserve.context import HEALTHY as _HEALTHY
 from safeserve.context import current_get as _noted
 from safeserve.deadlines import await_watched
@@ -128,7 +128,7 @@ class Guard(DegradationPath):
         # -- checks, inline: this is the path every healthy call takes
         # (an untimed call reads the clock only on its way to a record: `latency or ...`)
         latency = perf_counter() - t0 if p.timed else 0.0
-        if (p.check_finite and first_non_finite(value) is not None) or p.output_schema is not None:
+        if (p.check_finite and first_non_finite(value) is not None) or p.checks_output:
             latency = latency or perf_counter() - t0
             d = self._bad_output(p, value, args, kwargs, offset, permit, latency, attempts)
             if d is not None:
@@ -179,6 +179,18 @@ class Guard(DegradationPath):
         twin = copy.copy(self)
         twin._p = p
         return twin
+
+    def check_answers(self, check: Callable[[Any], object]) -> None:
+        """Hold every answer to `check`, which raises for one the caller cannot use (`safeserve
+        serve`'s: the answer has a JSON form). The model's answer failing it is
+        `invalid_output`, as with an output schema; a fallback's counts as that fallback
+        failing, and the next answers. Its message goes on the record: it should name types,
+        not values. Kept over reloads."""
+        p = copy.copy(self._p)
+        p.answer_check = check
+        p.output_check = OutputCheck(p.output_schema, p.check_finite, check)
+        p.checks_output = True
+        self._p = p
 
     def bound_to(self, obj: Any) -> Guard:
         """This guard with `obj` as the model's first argument (a method's `self`): what
@@ -410,7 +422,7 @@ class AsyncGuard(Guard):
             if p.bulkhead is not None:
                 p.bulkhead.release()
         latency = perf_counter() - t0 if p.timed else 0.0
-        if (p.check_finite and first_non_finite(value) is not None) or p.output_schema is not None:
+        if (p.check_finite and first_non_finite(value) is not None) or p.checks_output:
             latency = latency or perf_counter() - t0
             d = self._bad_output(p, value, args, kwargs, offset, permit, latency, attempts)
             if d is not None:

@@ -36,11 +36,13 @@ class Pipeline:
     bulkhead and decision log; each stage is present only when the policy asks for it."""
 
     __slots__ = (
+        "answer_check",
         "attempt_timeout",
         "bulkhead",
         "caches",
         "check_finite",
         "checks",
+        "checks_output",
         "confidence",
         "deadlines",
         "flag_invalid",
@@ -104,7 +106,13 @@ class Pipeline:
         self.flag_invalid = val is not None and val.on_invalid == "flag"
         self.output_schema = val.output_schema if val is not None else None
         self.check_finite = policy.check_finite
-        self.output_check = OutputCheck(self.output_schema, policy.check_finite)
+        # a check of every answer the guard's user set (`Guard.check_answers`), kept over a reload
+        self.answer_check: Callable[[Any], object] | None = (
+            previous.answer_check if previous is not None else None
+        )
+        self.output_check = OutputCheck(self.output_schema, policy.check_finite, self.answer_check)
+        # whether a finite answer is still checked (the schema, the user's check)
+        self.checks_output = self.output_schema is not None or self.answer_check is not None
         self.confidence = ConfidenceCheck(policy.confidence) if policy.confidence else None
         self.steps: list[FallbackStep] = build_steps(
             policy.fallbacks, policy.name, batch_primary=policy.batch

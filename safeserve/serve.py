@@ -19,6 +19,7 @@ import re
 import socket
 import sys
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from http import HTTPStatus
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -34,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from safeserve.config import load_policies
 from safeserve.configfile import SUFFIXES
+from safeserve.decisions import Outcome
 from safeserve.decorator import guard_model
 from safeserve.errors import InputRejected, NoFallbackAvailable, PolicyError, Problem
 from safeserve.guard import AsyncGuard, Guard
@@ -152,9 +154,33 @@ def _guards_of(served: dict[str, Policy]) -> dict[str, Guard]:
             built[name] = guard_model(policy)
         except PolicyError as err:
             problems += [f"policies.{name}.{problem}" for problem in err.problems]
+        else:  # an answer with no JSON form is the model's (or a fallback's) failure
+            built[name].check_answers(_encodable)
     if problems:
         raise PolicyError(problems)
     return built
+
+
+# The body of the answer last checked in this request's context, for the response: an answer
+# is encoded once, by the guard's check.
+_encoded: ContextVar[tuple[Any, bytes] | None] = ContextVar("safeserve_encoded", default=None)
+
+
+def _encodable(answer: Any) -> None:
+    """The guards' check of every answer: it has a JSON form (else `Unencodable`)."""
+    _encoded.set((answer, encode_answer(answer)))
+
+
+def _body(answer: Any) -> bytes:
+    """The answer's JSON body: the one its check made, if made in this context."""
+    kept = _encoded.get()
+    return kept[1] if kept is not None and kept[0] is answer else encode_answer(answer)
+
+
+def _call(guarded: Guard, x: Any) -> tuple[Outcome, bytes]:
+    """A sync guard's call, run in a worker thread: its answer's body is read there."""
+    outcome = guarded.call(x)
+    return outcome, _body(outcome.value)
 
 
 def _add_route(
@@ -194,8 +220,9 @@ def _add_route(
         try:
             if isinstance(guarded, AsyncGuard):
                 outcome = await guarded.call(x)
+                content = _body(outcome.value)
             else:
-                outcome = await run_in_threadpool(guarded.call, x)
+                outcome, content = await run_in_threadpool(_call, guarded, x)
         except InputRejected as err:  # the guard's decision, degraded on its record
             return _invalid_input(err.problems, _headers(None, True))
         except NoFallbackAvailable:
@@ -206,8 +233,6 @@ def _add_route(
                 headers={"Retry-After": str(retry), **_headers(None, True)},
             )
         d = outcome.decision
-        # an answer with no JSON form (a model's bug) raises: a clean 500, its type in the log
-        content = encode_answer(outcome.value)
         headers = _headers(d.served_by, d.degraded)
         return Response(content, media_type="application/json", headers=headers)
 

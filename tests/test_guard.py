@@ -721,3 +721,52 @@ def test_a_rule_on_a_field_the_schema_lacks_is_a_policy_error() -> None:
     rules = ss.Fallback.rules("rules", [ss.Rule(when={"amout": {"gt": 1}}, then=1)])
     with pytest.raises(ss.PolicyError, match=r"rules\[0\]\.when\.amout: not a field"):
         ss.Policy(name="typo", validation=ss.ValidationConfig(schema=Row), fallbacks=[rules])
+
+
+class TestAnswerChecks:
+    """`Guard.check_answers`: answers the caller cannot use (serve's: no JSON form) fail."""
+
+    @staticmethod
+    def no_sets(answer: Any) -> None:
+        if isinstance(answer, set):
+            raise TypeError("a set answer")
+
+    def policy(self) -> ss.Policy:
+        return ss.Policy(
+            name="checked",
+            fallbacks=[ss.Fallback.model("odd", lambda x: {x}), ss.Fallback.static("fixed", 0)],
+        )
+
+    def test_a_failing_answer_is_invalid_output_and_the_next_fallback_answers(self) -> None:
+        guard = ss.guard(self.policy())(lambda x: {x} if x < 0 else x)
+        guard.check_answers(self.no_sets)
+        assert guard(3) == 3
+        outcome = guard.call(-1)
+        assert (outcome.value, outcome.decision.served_by) == (0, "fixed")
+        reasons = [(r.code, r.detail) for r in outcome.decision.reasons]
+        assert reasons == [
+            ("invalid_output", "a set answer"),
+            ("fallback_failed", "odd: TypeError: a set answer"),
+        ]
+        assert guard.breaker.figures()["consecutive_failures"] == 1
+
+    def test_async_guards_and_reloads_keep_the_check(self) -> None:
+        async def model(x: int) -> Any:
+            return {x}
+
+        guard = ss.guard(self.policy())(model)
+        guard.check_answers(self.no_sets)
+        guard.reload(self.policy().model_copy(update={"timeout_s": 1.0}))
+        outcome = asyncio.run(guard.call(2))
+        assert (outcome.value, outcome.decision.served_by) == (0, "fixed")
+        assert outcome.decision.reasons[0].code == "invalid_output"
+
+    def test_batch_rows_are_held_to_it(self) -> None:
+        policy = self.policy().model_copy(update={"batch": True, "check_finite": False})
+        guard = ss.guard(policy)(lambda rows: [{r["a"]} if r["a"] < 0 else r["a"] for r in rows])
+        guard.check_answers(self.no_sets)
+        result = guard.batch([{"a": 1}, {"a": -2}, {"a": 3}])
+        assert list(result.values) == [1, 0, 3]
+        assert list(result.served_by) == ["primary", "fixed", "primary"]
+        [decision] = result.decisions
+        assert decision.reasons[0].code == "invalid_output"

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -23,6 +24,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, field_validator
 
+import safeserve as ss
 import safeserve.serve as serve_module
 from safeserve.cli import main
 from safeserve.decorator import guard_model
@@ -113,6 +115,12 @@ def typed(x: Any) -> dict[str, Any]:
 
 def opaque(x: Any) -> Any:
     return {{"handle": object()}}
+
+async def opaque_async(x: Any) -> Any:
+    return {{"handle": object()}}
+
+async def fine_async(x: Any) -> Any:
+    return {{"label": "approve", "score": 0.9}}
 
 def what_it_got(x: Any) -> dict[str, Any]:
     # says which type reached the model, so a test sees the raw body or the validated one
@@ -515,19 +523,74 @@ class TestInvalidInput:
             deep = deep["n"]
         assert deep == {"leaf": 1}
 
-    def test_an_answer_with_no_json_form_is_a_clean_500(
-        self, policy_file: Any, tmp_path: Path
+    @pytest.mark.parametrize("model", ["opaque", "opaque_async"])
+    def test_an_answer_with_no_json_form_is_the_models_failure(
+        self, policy_file: Any, tmp_path: Path, model: str
     ) -> None:
-        policies = "  opaque:\n    model: serve_models:opaque\n"
+        """A model answering what JSON cannot hold (an object, say) has failed, as with an
+        output schema: the fallback answers and the record says why, naming the type only.
+        The answer is not sent as a 500 on a record that says the model served."""
+        policies = (
+            f"  opaque:\n    model: serve_models:{model}\n"
+            "    fallbacks: [{name: default, static: {label: review}}]\n"
+        )
         policy_file("reject")
         path = tmp_path / "policies.yaml"
         path.write_text(f"policies:\n{policies}")
-
         app = build_app(path)
-        r = request(app, "POST", "/v1/models/opaque/predict", raise_app_exceptions=False, json={})
-        assert (r.status_code, r.json()) == (500, {"error": "internal_error"})
-        assert "object" not in r.text
-        assert r.headers["X-SafeServe-Degraded"] == "true"
+        r = request(app, "POST", "/v1/models/opaque/predict", json={"card": SECRET})
+        assert (r.status_code, r.json()) == (200, {"label": "review"})
+        assert (r.headers["X-SafeServe-Served-By"], r.headers["X-SafeServe-Degraded"]) == (
+            "default",
+            "true",
+        )
+        [guard] = app.state.guards
+        [decision] = guard.decisions()
+        [reason] = decision.reasons
+        assert (decision.served_by, reason.code, reason.stage) == (
+            "default",
+            "invalid_output",
+            "output",
+        )
+        assert "'object'" in reason.detail
+        assert SECRET not in reason.detail
+        assert guard.breaker.figures()["consecutive_failures"] == 1  # a failure, as it is
+
+    @pytest.mark.parametrize("model", ["boom", "fine_async"])
+    def test_a_fallback_whose_answer_has_no_json_form_has_failed(
+        self, policy_file: Any, tmp_path: Path, model: str
+    ) -> None:
+        """The next fallback answers; with none left, a clean 503 on a record that says so.
+        A sync guard (its model fails) and an async one (a drill sends it to the fallbacks)."""
+        opaque_first = (
+            f"  m:\n    model: serve_models:{model}\n"
+            "    fallbacks:\n"
+            "      - {name: odd, model: serve_models:opaque}\n"
+            "      - {name: default, static: {label: review}}\n"
+        )
+        policy_file("reject")
+        path = tmp_path / "policies.yaml"
+        path.write_text(f"policies:\n{opaque_first}")
+        app = build_app(path)
+        [guard] = app.state.guards
+        with ss.force_degradation("timeout", "m") if model == "fine_async" else nullcontext():
+            r = request(app, "POST", "/v1/models/m/predict", json=TXN)
+        assert (r.status_code, r.json()) == (200, {"label": "review"})
+        assert r.headers["X-SafeServe-Served-By"] == "default"
+        [decision] = guard.decisions()
+        failed = [x for x in decision.reasons if x.code == "fallback_failed"]
+        assert [x.detail.split(":")[0] for x in failed] == ["odd"]
+        assert "Unencodable" in failed[0].detail
+
+        only_opaque = opaque_first.replace("      - {name: default, static: {label: review}}\n", "")
+        path.write_text(f"policies:\n{only_opaque}")
+        app = build_app(path)
+        [guard] = app.state.guards
+        with ss.force_degradation("timeout", "m") if model == "fine_async" else nullcontext():
+            r = request(app, "POST", "/v1/models/m/predict", json=TXN)
+        assert (r.status_code, r.json()) == (503, {"error": "unavailable", "policy": "m"})
+        [decision] = guard.decisions()
+        assert decision.served_by is None
 
     def test_a_bug_of_ours_is_a_clean_500_with_the_headers(
         self, policy_file: Any, monkeypatch: pytest.MonkeyPatch
@@ -535,7 +598,7 @@ class TestInvalidInput:
         def broken(value: Any) -> Any:
             raise RuntimeError(SECRET)
 
-        monkeypatch.setattr(serve_module, "encode_answer", broken)
+        monkeypatch.setattr(serve_module, "_body", broken)
         app = build_app(policy_file("reject"))
         r = request(app, "POST", "/v1/models/free/predict", raise_app_exceptions=False, json=TXN)
         assert (r.status_code, r.json()) == (500, {"error": "internal_error"})

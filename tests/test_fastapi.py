@@ -20,6 +20,7 @@ import httpx
 import pytest
 from asgi_app import SECRET, STREAM_CHUNKS, Model, Txn, build_app, rules_fallback
 from fastapi import FastAPI, Request
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import ClientDisconnect
 from uvicorn_server import UvicornServer, uvicorn_server  # noqa: F401 (fixture)
 
@@ -376,6 +377,35 @@ class TestGuardedRoute:
         assert item.json()["amount"] == 7
         assert headers_of(item) == ("primary", "false")
         assert headers_of(stream) == (None, None)
+
+    def test_templates_match_as_their_convertors_do(self) -> None:
+        """A parameter is matched by its convertor's regex, an app's own convertor included
+        (here one that spans "/"): each path the app routes to the template is guarded."""
+
+        class ModelRef(Convertor[str]):
+            regex = r"[a-z]+(/[a-z]+)?"  # "model" or "org/model", with a group of its own
+
+            def convert(self, value: str) -> str:
+                return value
+
+            def to_string(self, value: str) -> str:
+                return value
+
+        register_url_convertor("modelref", ModelRef())
+
+        async def failing(scope: Any, receive: Any, send: Any) -> None:
+            await send({"type": "http.response.start", "status": 500, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        routes = {"/m/{name:modelref}/predict": policy("m"), "/v/{x:float}": policy("v")}
+        app = SafeServeMiddleware(failing, routes=routes)
+        paths = ["/m/fraud/predict", "/m/acme/fraud/predict", "/v/1.5", "/v/2", "/m/A/predict"]
+        answers = run(app, *(("POST", path, {"json": {}}) for path in paths))
+        served = [r.headers.get("x-safeserve-served-by") for r in answers]
+        assert served == ["rules", "rules", "rules", "rules", None]
+        assert [d.served_by for d in app.guards[0].decisions()] == ["rules", "rules"]
+        with pytest.raises(ValueError, match="unknown path convertor 'nope'"):
+            SafeServeMiddleware(failing, routes={"/a/{b:nope}": policy("n")})
 
     def test_a_fallback_gets_none_for_a_body_that_is_not_json(self) -> None:
         """NaN and 1e999, which Python's parser would take as floats, are not JSON, and a body

@@ -23,6 +23,7 @@ from random import random
 from time import perf_counter
 from typing import Any
 
+from starlette.convertors import CONVERTOR_TYPES
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -46,6 +47,7 @@ _HEALTHY = [(SERVED_BY, b"primary"), (DEGRADED, b"false")]
 _UNAVAILABLE = [(SERVED_BY, b"none"), (DEGRADED, b"true")]
 _NOTHING_NOTED: Any = ()  # a request's `noted` while nothing can be noted (falsy, never appended)
 _JSON = (b"content-type", b"application/json")
+_GROUP = "_safeserve_route"  # a template's group in the routes' regex: _safeserve_route0, ...
 _NOTED_KEY = "safeserve.noted"  # in a failed request's scope: what its guarded calls noted
 Headers = list[tuple[bytes, bytes]]
 # Called through module-level names: in Python 3.11 a method called on an imported name, or on
@@ -114,14 +116,18 @@ class _RouteGuard(AsyncGuard):
 
 
 def _template_regex(template: str) -> str:
-    """A path template ("/items/{id}", "/files/{p:path}") as a regex with no capture groups."""
+    """A path template ("/items/{id}", "/files/{p:path}") as a regex, each parameter matched by
+    its starlette convertor's regex (a convertor of the app's own too)."""
     out = []
     for i, part in enumerate(re.split(r"\{([^}]*)\}", template)):
         if i % 2 == 0:
             out.append(re.escape(part))
-        else:
-            kind = part.partition(":")[2]
-            out.append({"path": ".*", "int": "[0-9]+"}.get(kind, "[^/]+"))
+            continue
+        kind = part.partition(":")[2].strip() or "str"
+        convertor = CONVERTOR_TYPES.get(kind)
+        if convertor is None:
+            raise ValueError(f"routes[{template!r}]: unknown path convertor {kind!r}")
+        out.append(f"(?:{convertor.regex})")
     return "".join(out)
 
 
@@ -184,7 +190,7 @@ class SafeServeMiddleware:
         for path, target in routes.items():
             route = _Route(app, _guard_for(target, path), max_body_bytes)
             if "{" in path:
-                patterns.append(f"(?P<r{len(self.templated)}>{_template_regex(path)})")
+                patterns.append(f"(?P<{_GROUP}{len(self.templated)}>{_template_regex(path)})")
                 self.templated.append(route)
             else:
                 self.exact[path] = route
@@ -201,8 +207,8 @@ class SafeServeMiddleware:
             route = self.exact.get(path)
             if route is None and self.pattern is not None:
                 match = self.pattern.fullmatch(path)
-                if match is not None and match.lastgroup is not None:
-                    route = self.templated[int(match.lastgroup[1:])]
+                if match is not None:
+                    route = self.templated[_template_of(match)]
             if route is not None:
                 return _Responder(route, receive, send).serve(scope)
             if self.annotate_unlisted and context.armed:
@@ -217,6 +223,16 @@ class SafeServeMiddleware:
     __call__._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
     if hasattr(inspect, "markcoroutinefunction"):
         inspect.markcoroutinefunction(__call__)
+
+
+def _template_of(match: re.Match[str]) -> int:
+    """Which template matched: the group that closed last is its own, unless a convertor's regex
+    has groups of its own."""
+    name = match.lastgroup
+    if name is None or not name.startswith(_GROUP):
+        groups = match.groupdict()
+        name = next(k for k, v in groups.items() if v is not None and k.startswith(_GROUP))
+    return int(name[len(_GROUP) :])
 
 
 def _route_path(path: str, root_path: str) -> str:

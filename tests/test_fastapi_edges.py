@@ -16,7 +16,8 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 
 import safeserve as ss
@@ -392,8 +393,8 @@ def failing_app() -> FastAPI:
     app = FastAPI()
 
     @app.post("/p")
-    async def crash() -> dict[str, Any]:
-        raise RuntimeError("the model is down")
+    async def down() -> JSONResponse:
+        return JSONResponse({"error": "the model is down"}, 503)
 
     return app
 
@@ -454,3 +455,96 @@ def open_route_keeping_bodies(name: str, **options: Any) -> tuple[SafeServeMiddl
     middleware = SafeServeMiddleware(failing_app(), routes={"/p": policy}, **options)
     middleware.guards[0].force_open()
     return middleware, seen
+
+
+def after_the_response(fails: bool) -> tuple[FastAPI, asyncio.Event, list[str]]:
+    """/p answers (503 when `fails`) with a background task that waits for the event."""
+    app = FastAPI()
+    done = asyncio.Event()
+    ran: list[str] = []
+
+    async def background() -> None:
+        await done.wait()
+        ran.append("background")
+
+    @app.post("/p")
+    async def answer() -> JSONResponse:
+        status = 503 if fails else 200
+        return JSONResponse({"label": "endpoint"}, status, background=BackgroundTask(background))
+
+    return app, done, ran
+
+
+async def until_answered(client: Client) -> None:
+    while not any(m["type"] == "http.response.body" for m in client.sent):
+        await asyncio.sleep(0.01)
+
+
+def test_the_bulkhead_slot_is_freed_when_the_response_is_over() -> None:
+    """Background tasks run after the response: they do not hold the route's slot, so the
+    next request, one at a time, is served by the endpoint, not refused as overloaded."""
+    app, done, ran = after_the_response(fails=False)
+    policy = ss.Policy(name="slot", fallbacks=STATIC, max_concurrent=1)
+    middleware = SafeServeMiddleware(app, routes={"/p": policy})
+    [guard] = middleware.guards
+
+    async def main() -> list[int]:
+        first, second = Client(), Client()
+        running = [asyncio.create_task(middleware(scope(), *first.io))]
+        await asyncio.wait_for(until_answered(first), 5)
+        running.append(asyncio.create_task(middleware(scope(), *second.io)))
+        await asyncio.wait_for(until_answered(second), 5)
+        assert not running[0].done()  # its background task still waits
+        done.set()
+        await asyncio.wait_for(asyncio.gather(*running), 5)
+        return first.statuses() + second.statuses()
+
+    assert asyncio.run(main()) == [200, 200]
+    assert ran == ["background", "background"]
+    assert guard.stats()["served_by"] == {"primary": 2}
+
+
+@pytest.mark.parametrize("budget", [None, 0.2])
+def test_a_fallback_answers_once_the_5xx_response_is_over(budget: float | None) -> None:
+    """Not once the app returns: its background task still runs (and is not cancelled by the
+    time budget), and the record says the endpoint answered 503, not that it timed out."""
+    app, done, ran = after_the_response(fails=True)
+    policy = ss.Policy(name=f"late-{budget}", fallbacks=STATIC, timeout_s=budget)
+    middleware = SafeServeMiddleware(app, routes={"/p": policy})
+    [guard] = middleware.guards
+
+    async def main() -> Client:
+        client = Client()
+        running = asyncio.create_task(middleware(scope(), *client.io))
+        await asyncio.wait_for(until_answered(client), 5)
+        await asyncio.sleep(0.3)  # past the time budget
+        assert not running.done()
+        done.set()
+        await asyncio.wait_for(running, 5)
+        return client
+
+    client = asyncio.run(main())
+    assert client.statuses() == [200]
+    assert json.loads(client.sent[-1]["body"]) == {"label": "review"}
+    assert ran == ["background"]
+    [decision] = guard.decisions()
+    assert [(r.code, r.detail) for r in decision.reasons] == [("error", "EndpointError: HTTP 503")]
+
+
+def test_a_wrapped_apps_crash_is_answered_by_the_fallback_and_raised_for_the_log() -> None:
+    """Wrapping a whole app, the middleware sees its error middleware's 500 (a fallback
+    answers), then the crash the error middleware raises again for the server to log."""
+    app = FastAPI()
+
+    @app.post("/p")
+    async def crash() -> dict[str, Any]:
+        raise RuntimeError("the model is down")
+
+    middleware = SafeServeMiddleware(app, routes={"/p": ss.Policy(name="whole", fallbacks=STATIC)})
+    client = Client()
+    with pytest.raises(RuntimeError, match="the model is down"):
+        asyncio.run(middleware(scope(), *client.io))
+    assert client.statuses() == [200]
+    assert json.loads(client.sent[-1]["body"]) == {"label": "review"}
+    [decision] = middleware.guards[0].decisions()
+    assert (decision.served_by, decision.reasons[0].detail) == ("static", "EndpointError: HTTP 500")

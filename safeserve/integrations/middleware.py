@@ -15,6 +15,7 @@ import inspect
 import json
 import math
 import re
+import threading
 import warnings
 from bisect import bisect_left
 from collections.abc import Awaitable, Mapping
@@ -148,6 +149,11 @@ async def _disconnected() -> Message:
 
 async def _discard(message: Message) -> None:
     """`send` of a request already answered."""
+
+
+def _last_part(message: Message) -> bool:
+    """Whether the message ends the response."""
+    return message["type"] == "http.response.body" and not message.get("more_body", False)
 
 
 def _timeout(budget: float | None) -> AttemptTimeout:
@@ -306,26 +312,31 @@ _STARTED = 2  # passed on: the endpoint's answer stands
 _DROPPED = 3  # dropped: the endpoint ended (or failed) without a response; a fallback answers
 _EXPIRED = 4  # dropped: the time budget ran out before the response started
 _CANCELLED = 5  # _EXPIRED, and the request's task was cancelled at the deadline
+_ANSWERED = 6  # dropped: the endpoint's 5xx response is over, a fallback answers (has answered)
 
 
 class _Rest:
     """The request's messages after the first (a body sent in parts): kept up to max_body."""
 
-    __slots__ = ("chunks", "done", "size")
+    __slots__ = ("chunks", "done", "left", "size")
 
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
         self.size = 0
         self.done = False
+        self.left = False  # the client went away
 
 
 class _Responder:
     """One guarded request: admission, the endpoint under its time budget, else a fallback.
 
-    A healthy request is accounted for when its response starts (`send_checked`). Slots:
-    Python 3.11 reads a slot or an instance attribute fast, a class default slowly. A request
-    sets only those its way needs: `failed_status` with a 5xx start, `task` and `deadline` under
-    a time budget (`serve`), `rest` with a body in parts.
+    A healthy request is accounted for when its response starts (`send_checked`), a 5xx one
+    when its response is over (`answer_failed`): what the app does after its response
+    (background tasks, dependency cleanup) neither holds the bulkhead slot nor delays the
+    fallback. Slots: Python 3.11 reads a slot or an instance attribute fast, a class default
+    slowly. A request sets only those its way needs: `failed_status` with a 5xx start, `task`
+    and `deadline` under a time budget (`serve`), `rest` with a body in parts, `slot` while it
+    holds a bulkhead slot.
     """
 
     __slots__ = (
@@ -333,11 +344,13 @@ class _Responder:
         "failed_status",
         "first",
         "noted",
+        "notices",
         "permit",
         "receive",
         "rest",
         "route",
         "send",
+        "slot",
         "span",
         "state",
         "t0",
@@ -345,6 +358,7 @@ class _Responder:
     )
     deadline: float
     failed_status: int
+    slot: threading.BoundedSemaphore | None
     span: Any
     task: asyncio.Task[Any] | None
 
@@ -356,6 +370,7 @@ class _Responder:
         self.t0 = perf_counter()
         self.state = _WAITING
         self.permit = 0
+        self.notices: list[RawReason] | None = None  # on the call's record (store_unavailable)
         # the request as the endpoint read it, kept for a fallback: the first message as it is
         # (usually the whole body), then the bodies of any later ones
         self.first: Message | None = None
@@ -386,7 +401,11 @@ class _Responder:
                 if refused is not None:
                     await self.fall_back(refused, None)
                     return
-                if notices:  # the call's record is the flagged one `served_with` writes
+                self.notices = notices  # the call's record is the flagged one `served_with` writes
+                if p.bulkhead is not None:  # held until the response is over
+                    self.slot = p.bulkhead
+                    send_checked = partial(self.send_held, counted=not notices)
+                elif notices:
                     send_checked = partial(self.send_checked, counted=False)
             self.permit = permit
             try:
@@ -405,9 +424,9 @@ class _Responder:
                     raise
                 failure: Exception = _timeout(budget)
             except Exception as exc:
-                # a streamed response failed midway (too late for a fallback), or the client
-                # left mid-upload (no outcome)
-                if self.state == _STARTED or isinstance(exc, ClientDisconnect):
+                # a streamed response failed midway, the app failed after a fallback answered
+                # (too late for a fallback), or the client left mid-upload (no outcome)
+                if self.state in (_STARTED, _ANSWERED) or isinstance(exc, ClientDisconnect):
                     self.abandoned(permit, notices)
                     raise
                 # the endpoint may have turned the deadline's cancellation into another error
@@ -417,6 +436,8 @@ class _Responder:
                     if notices:
                         self.served_with(notices)
                     return
+                if self.state == _ANSWERED:  # by a fallback, once the 5xx response was over
+                    return
                 if self.timed_out():  # the endpoint swallowed the cancellation
                     failure = _timeout(budget)
                 elif self.state == _FAILING:
@@ -425,7 +446,7 @@ class _Responder:
                     failure = EndpointError("the endpoint returned without a response")
             finally:
                 if p.bulkhead is not None:
-                    p.bulkhead.release()
+                    self.release_slot()
             self.state = _DROPPED
             attempts = [failed_attempt(failure, perf_counter() - self.t0)]
             d = guard._primary_failed(p, failure, (), {}, 0, permit, self.t0, attempts)
@@ -439,11 +460,14 @@ class _Responder:
                 self.receive, self.send = _disconnected, _discard
 
     def abandoned(self, permit: int, notices: list[RawReason] | None) -> None:
-        """The request ends without a fallback's answer. An answer already started was
-        accounted at its start (and its permit used); else there is no outcome."""
+        """The request ends without a fallback's answer from `serve`. An answer already started
+        was accounted at its start (and its permit used), a fallback's after a 5xx by
+        `answer_failed`; else there is no outcome."""
         if self.state == _STARTED:
             if notices:
                 self.served_with(notices)
+            return
+        if self.state == _ANSWERED:
             return
         breaker = self.route.guard.breaker
         breaker.release(permit)
@@ -502,6 +526,7 @@ class _Responder:
             return
         if message["type"] != "http.request":
             rest.done = True
+            rest.left = message["type"] == "http.disconnect"
             return
         body = message.get("body", b"")
         rest.size += len(body)
@@ -514,7 +539,11 @@ class _Responder:
         on. A plain function returning `send`'s awaitable: one coroutine less per message."""
         state = self.state
         if state:
-            return self.send(message) if state == _STARTED else _dropped()
+            if state == _STARTED:
+                return self.send(message)
+            if state == _FAILING and _last_part(message) and not self.client_left():
+                return self.answer_failed()
+            return _dropped()
         send = self.send
         if message["type"] != "http.response.start":
             return send(message)
@@ -545,6 +574,47 @@ class _Responder:
         headers = message.get("headers", ())  # _add_headers, inline: a call costs a frame here
         message["headers"] = headers + extra if type(headers) is list else [*headers, *extra]
         return send(message)
+
+    def send_held(self, message: Message, counted: bool = True) -> Awaitable[None]:
+        """`send_checked` for a request holding a bulkhead slot: freed when its response is
+        over, not when the app returns (background tasks run in between)."""
+        sending = self.send_checked(message, counted)
+        if self.state == _STARTED and _last_part(message):
+            self.release_slot()
+        return sending
+
+    def release_slot(self) -> None:
+        slot = self.slot
+        if slot is not None:
+            self.slot = None
+            slot.release()
+
+    async def answer_failed(self) -> None:
+        """The endpoint's 5xx response is over: a fallback answers now, not once the app has
+        returned (it runs background tasks and dependency cleanup first), and the time budget
+        no longer applies."""
+        self.state = _ANSWERED
+        if getattr(self, "slot", None) is not None:
+            self.release_slot()
+        guard = self.route.guard
+        p = guard._p
+        failure = EndpointError(f"HTTP {self.failed_status}")
+        attempts = [failed_attempt(failure, perf_counter() - self.t0)]
+        d = guard._primary_failed(p, failure, (), {}, 0, self.permit, self.t0, attempts)
+        # the request's span, not one the endpoint's framework has open while it sends
+        tracer, span = p.tracer, getattr(self, "span", None)
+        if tracer is None or span is None:
+            await self.fall_back(d, self.notices)
+            return
+        with tracer.annotating(span):
+            await self.fall_back(d, self.notices)
+
+    def client_left(self) -> bool:
+        """Whether the endpoint has read that the client went away (its 5xx may say so)."""
+        first = self.first
+        if first is None:
+            return False
+        return first["type"] == "http.disconnect" or (self.rest is not None and self.rest.left)
 
     def healthy_extras(self, p: Pipeline, latency: float) -> None:
         """A healthy answer's record, when sampled (`log.sample_rate`), and the request's span

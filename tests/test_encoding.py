@@ -8,14 +8,17 @@ import dataclasses
 import datetime
 import decimal
 import enum
+import ipaddress
 import json
 import math
+import re
+import time
 import uuid
 from typing import Any
 
 import numpy as np
 import pytest
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr, TypeAdapter
 
 from safeserve.integrations.encoding import Unencodable, encode_answer
 
@@ -24,10 +27,34 @@ class Tier(enum.IntEnum):
     GOLD = 1
 
 
+class Code(int, enum.Enum):
+    """An enum whose value is not its int (FastAPI writes the value)."""
+
+    OK = "ok"
+
+    def __new__(cls, label: str) -> Code:
+        member = int.__new__(cls, 200)
+        member._value_ = label
+        return member
+
+
 @dataclasses.dataclass
 class Score:
     label: str
     tags: list[str] = dataclasses.field(default_factory=list)
+
+
+class Verdict(BaseModel):
+    """Sent by its aliases, as FastAPI sends a model."""
+
+    risk_score: float = Field(alias="riskScore")
+    token: SecretStr
+
+
+RECORD = np.array(
+    [(np.datetime64("2024-01-01", "ns"), np.timedelta64(3, "s"))],
+    dtype=[("at", "M8[ns]"), ("took", "m8[ns]")],
+)
 
 
 def strict(body: bytes) -> Any:
@@ -63,6 +90,19 @@ def strict(body: bytes) -> Any:
         (np.datetime64("NaT"), None),
         (np.timedelta64(3, "ms"), 0.003),
         ({None: 1, True: 2, 3: 3, math.inf: 4}, {"null": 1, "true": 2, "3": 3, "Infinity": 4}),
+        ({decimal.Decimal("NaN"): 1, np.float16("nan"): 2}, {"NaN": 2}),  # as a float NaN key
+        (Code.OK, "ok"),
+        (Verdict(riskScore=0.9, token=SecretStr("s3cret")), {"riskScore": 0.9, "token": "*" * 10}),
+        (ipaddress.ip_interface("10.0.0.1/8"), "10.0.0.1/8"),
+        (TypeAdapter(HttpUrl).validate_python("https://example.com/a"), "https://example.com/a"),
+        (re.compile("a+b"), "a+b"),
+        (RECORD, [["2024-01-01T00:00:00.000000000", 3.0]]),
+        (
+            np.ma.masked_array(np.array(["2024-01-01", "2024-02-29"], "M8[D]"), [0, 1]),
+            ["2024-01-01", None],
+        ),
+        (np.timedelta64(2 * 10**14, "D"), 2 * 10**14 * 86400.0),  # past int64 nanoseconds
+        (np.longdouble(1.5), 1.5),
     ],
 )
 def test_an_answer_is_written_as_its_json_value(value: Any, expected: Any) -> None:
@@ -95,8 +135,11 @@ class Opaque(BaseModel):
         (10**5000, "an integer too long"),
         (Opaque(handle=object()), "pydantic model that cannot be serialised"),
         ({("a", "b"): 1}, "a tuple as a key"),
+        (b"\xff\xfe", "bytes that are not UTF-8"),
+        (np.timedelta64(3, "M"), "in 'M' units has no fixed length"),
+        ({10**5000: 1}, r"could not be converted \(ValueError\)"),
     ],
-    ids=["object", "huge int", "pydantic", "tuple key"],
+    ids=["object", "huge int", "pydantic", "tuple key", "bytes", "months", "huge key"],
 )
 def test_what_has_no_json_form_is_a_clear_error(value: Any, message: str) -> None:
     with pytest.raises(Unencodable, match=message) as caught:
@@ -109,3 +152,23 @@ def test_a_cycle_is_an_error_not_a_crash() -> None:
     loop.append(loop)
     with pytest.raises(Unencodable, match="nested too deeply"):
         encode_answer(loop)
+
+
+def test_a_huge_decimal_is_refused_before_it_is_worked_out() -> None:
+    """An integral Decimal is written as an int, as FastAPI writes it; one with more digits
+    than Python writes is refused at once, not after seconds of conversion on the loop."""
+    assert strict(encode_answer(decimal.Decimal("1E+400"))) == 10**400
+    t0 = time.perf_counter()
+    with pytest.raises(Unencodable, match="an integer too long"):
+        encode_answer(decimal.Decimal("1E+1000000"))
+    assert time.perf_counter() - t0 < 1.0  # generous: the conversion took 30 s
+
+
+def test_a_cyclic_model_is_an_error_not_a_crash() -> None:
+    class Node(BaseModel):
+        next: Node | None = None
+
+    node = Node()
+    node.next = node
+    with pytest.raises(Unencodable):
+        encode_answer(node)

@@ -21,6 +21,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect
 
 import safeserve as ss
+from safeserve import registry
 from safeserve.decisions import RawReason
 from safeserve.fastapi import SafeServeMiddleware
 
@@ -548,3 +549,29 @@ def test_a_wrapped_apps_crash_is_answered_by_the_fallback_and_raised_for_the_log
     assert json.loads(client.sent[-1]["body"]) == {"label": "review"}
     [decision] = middleware.guards[0].decisions()
     assert (decision.served_by, decision.reasons[0].detail) == ("static", "EndpointError: HTTP 500")
+
+
+def test_a_failed_call_keeps_its_record_when_an_outer_body_limit_refuses_the_body() -> None:
+    """FastAPI's own body limit sits outside the middleware: the fallback's read of the body
+    raises its 413. The client gets that 413; the endpoint's failure is still on a record."""
+    app = FastAPI(max_body_size=100)
+
+    @app.post("/p")
+    async def crash() -> dict[str, Any]:
+        raise RuntimeError("the model is down")
+
+    app.add_middleware(
+        SafeServeMiddleware, routes={"/p": ss.Policy(name="limited", fallbacks=STATIC)}
+    )
+
+    async def main() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.post("/p", json={"a": "x" * 300})
+
+    assert asyncio.run(main()).status_code == 413
+    [guard] = [g for g in registry.live_guards() if g.name == "limited"]
+    [decision] = guard.decisions()
+    assert decision.served_by is None
+    assert [r.code for r in decision.reasons] == ["error"]
+    assert guard.stats()["calls"] == 1

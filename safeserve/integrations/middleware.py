@@ -687,7 +687,12 @@ class _Responder:
     async def fall_back(self, d: Degradation, notices: list[RawReason] | None) -> None:
         """Walk the guard's fallbacks with the parsed body; answer 200 JSON, else 503."""
         guard = self.route.guard
-        d.args = (await self.request_input(),)
+        try:
+            d.args = (await self.request_input(),)
+        except Exception:  # reading it failed (an outer body limit's 413, say): that answers
+            with contextlib.suppress(NoFallbackAvailable):  # the call keeps its record
+                guard._finish(d, None, None, self.t0, False, notices)
+            raise
         if not self.noted:
             self.noted = []
         encoded: list[bytes] = []

@@ -9,6 +9,7 @@ import dataclasses
 import enum
 import json
 import math
+import threading
 import time
 from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
@@ -575,3 +576,64 @@ def test_a_failed_call_keeps_its_record_when_an_outer_body_limit_refuses_the_bod
     assert decision.served_by is None
     assert [r.code for r in decision.reasons] == ["error"]
     assert guard.stats()["calls"] == 1
+
+
+def stuck_after_the_deadline(kind: str) -> tuple[FastAPI, threading.Event]:
+    """/p outlives its deadline in a way cancellation cannot cut short: a sync endpoint's
+    thread behind a BaseHTTPMiddleware (its task group waits for the shielded thread), or
+    cleanup that awaits once cancelled. Both end when the event is set."""
+    app = FastAPI()
+    release = threading.Event()
+
+    async def cleanup() -> None:
+        await asyncio.to_thread(release.wait, 5)
+
+    if kind == "sync endpoint behind BaseHTTPMiddleware":
+
+        @app.middleware("http")  # added before ours: it runs inside it
+        async def tag(request: Request, call_next: Any) -> Any:
+            return await call_next(request)
+
+        @app.post("/p")
+        def slow() -> dict[str, Any]:
+            release.wait(5)
+            return {"label": "late"}
+
+    else:
+
+        @app.post("/p")
+        async def slow_async() -> dict[str, Any]:
+            try:
+                await asyncio.sleep(5)
+            finally:
+                await cleanup()
+            return {"label": "late"}
+
+    return app, release
+
+
+@pytest.mark.parametrize("kind", ["sync endpoint behind BaseHTTPMiddleware", "cleanup that awaits"])
+def test_the_fallback_answers_at_the_deadline_when_the_endpoint_cannot_stop(kind: str) -> None:
+    app, release = stuck_after_the_deadline(kind)
+    name = f"stuck-{kind.split(maxsplit=1)[0]}"
+    policy = ss.Policy(name=name, fallbacks=STATIC, timeout_s=0.2)
+    app.add_middleware(SafeServeMiddleware, routes={"/p": policy})
+
+    async def main() -> tuple[Client, float]:
+        client = Client()
+        t0 = time.perf_counter()
+        running = asyncio.create_task(app(scope(), *client.io))
+        await asyncio.wait_for(until_answered(client), 3)
+        answered_s = time.perf_counter() - t0
+        assert not running.done()  # the endpoint is still stuck
+        release.set()
+        await asyncio.wait_for(running, 5)  # then ends without an error
+        return client, answered_s
+
+    client, answered_s = asyncio.run(main())
+    assert answered_s < 1.5  # generous: the endpoint would take 5 s
+    assert client.statuses() == [200]  # the endpoint's late answer is dropped
+    assert json.loads(client.sent[1]["body"]) == {"label": "review"}
+    [guard] = [g for g in registry.live_guards() if g.name == name]
+    [decision] = guard.decisions()
+    assert [r.code for r in decision.reasons] == ["timeout"]

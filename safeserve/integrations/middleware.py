@@ -313,6 +313,7 @@ _DROPPED = 3  # dropped: the endpoint ended (or failed) without a response; a fa
 _EXPIRED = 4  # dropped: the time budget ran out before the response started
 _CANCELLED = 5  # _EXPIRED, and the request's task was cancelled at the deadline
 _ANSWERED = 6  # dropped: the endpoint's 5xx response is over, a fallback answers (has answered)
+_STUCK = 7  # _CANCELLED, but not unwound a loop turn later: a fallback answers meanwhile
 
 
 class _Rest:
@@ -340,6 +341,7 @@ class _Responder:
     """
 
     __slots__ = (
+        "answering",
         "deadline",
         "failed_status",
         "first",
@@ -356,6 +358,7 @@ class _Responder:
         "t0",
         "task",
     )
+    answering: asyncio.Task[None]
     deadline: float
     failed_status: int
     slot: threading.BoundedSemaphore | None
@@ -417,6 +420,9 @@ class _Responder:
                 app = route.app
                 await app(scope, self.receive_tee, send_checked)
             except asyncio.CancelledError:
+                if self.state == _STUCK:
+                    await self.answered_at_deadline()
+                    return
                 # not ours when another cancellation (the client or server went away, a
                 # caller's timeout) came first
                 if not self.cancelled_at_deadline():
@@ -424,6 +430,9 @@ class _Responder:
                     raise
                 failure: Exception = _timeout(budget)
             except Exception as exc:
+                if self.state == _STUCK:
+                    await self.answered_at_deadline()
+                    return
                 # a streamed response failed midway, the app failed after a fallback answered
                 # (too late for a fallback), or the client left mid-upload (no outcome)
                 if self.state in (_STARTED, _ANSWERED) or isinstance(exc, ClientDisconnect):
@@ -437,6 +446,9 @@ class _Responder:
                         self.served_with(notices)
                     return
                 if self.state == _ANSWERED:  # by a fallback, once the 5xx response was over
+                    return
+                if self.state == _STUCK:
+                    await self.answered_at_deadline()
                     return
                 if self.timed_out():  # the endpoint swallowed the cancellation
                     failure = _timeout(budget)
@@ -485,7 +497,8 @@ class _Responder:
     def expire(self) -> None:
         """The deadline passed before the response started: drop the endpoint's messages and
         cancel it where it waits (a sync endpoint's thread cannot be interrupted, only left
-        behind); `serve` then answers from a fallback."""
+        behind); `serve` then answers from a fallback, or, if the endpoint has not unwound a
+        loop turn later, `answer_if_stuck` does."""
         if self.state >= _SETTLED:
             return
         self.state = _EXPIRED
@@ -493,6 +506,32 @@ class _Responder:
         if task is not None and not task.done() and not task.cancelling():
             self.state = _CANCELLED
             task.cancel()
+            task.get_loop().call_soon(self.answer_if_stuck)
+
+    def answer_if_stuck(self) -> None:
+        """Cancelled at the deadline, the endpoint has still not unwound: it waits for what the
+        cancellation cannot stop (a sync endpoint's thread behind a task group's shield, cleanup
+        that awaits). A fallback answers now, in a task of its own."""
+        if self.state == _CANCELLED and self.task is not None:
+            self.state = _STUCK
+            self.answering = self.task.get_loop().create_task(self.answer_expired())
+
+    async def answer_expired(self) -> None:
+        guard = self.route.guard
+        p = guard._p
+        failure = _timeout(p.timeout_s)
+        attempts = [failed_attempt(failure, perf_counter() - self.t0)]
+        d = guard._primary_failed(p, failure, (), {}, 0, self.permit, self.t0, attempts)
+        await self.fall_back_on_span(p, d)
+
+    async def answered_at_deadline(self) -> None:
+        """The endpoint unwound after a fallback began to answer at the deadline: that answer
+        stands, and the deadline's cancellation is taken back, unless another came too."""
+        task = self.task
+        if task is not None and task.uncancel() > 0:
+            self.answering.cancel()
+            raise asyncio.CancelledError
+        await self.answering
 
     def cancelled_at_deadline(self) -> bool:
         """Whether the deadline cancelled the endpoint's task (that cancellation taken back)."""
@@ -601,7 +640,11 @@ class _Responder:
         failure = EndpointError(f"HTTP {self.failed_status}")
         attempts = [failed_attempt(failure, perf_counter() - self.t0)]
         d = guard._primary_failed(p, failure, (), {}, 0, self.permit, self.t0, attempts)
-        # the request's span, not one the endpoint's framework has open while it sends
+        await self.fall_back_on_span(p, d)
+
+    async def fall_back_on_span(self, p: Pipeline, d: Degradation) -> None:
+        """`fall_back` on the request's span, not one the endpoint's framework has open while
+        it sends (or none, in a task of its own)."""
         tracer, span = p.tracer, getattr(self, "span", None)
         if tracer is None or span is None:
             await self.fall_back(d, self.notices)

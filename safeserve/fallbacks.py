@@ -203,9 +203,7 @@ class ModelStep(FallbackStep):
         self, args: tuple[Any, ...], kwargs: dict[str, Any], time_left: float | None
     ) -> Any:
         timeout = self._timeout(time_left)
-        if not self.is_async:
-            if timeout is None:
-                return self.fn(*args, **kwargs)
+        if not self.is_async:  # a model may take its time: never on the event loop
             return await asyncio.to_thread(self._call, args, kwargs, timeout)
         if timeout is None:
             return await self.fn(*args, **kwargs)

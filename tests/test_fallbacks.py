@@ -1,5 +1,6 @@
 """Fallbacks: model, rules, cache and static kinds, their order, limits and the all-fail error."""
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -379,3 +380,25 @@ class TestNoFallbackAvailable:
         with pytest.raises(ss.NoFallbackAvailable) as info:
             g({"a": 1})
         assert info.value.decision.served_by is None
+
+
+def test_an_async_guards_sync_model_fallback_runs_off_the_event_loop() -> None:
+    """A sync model fallback may take its time (an outage sends every call to it): on an async
+    guard it runs in a worker thread, as FastAPI runs a `def` endpoint, never on the loop."""
+    threads: list[int] = []
+
+    def backup(x: int) -> int:
+        threads.append(threading.get_ident())
+        return -x
+
+    async def model(x: int) -> int:
+        raise RuntimeError("down")
+
+    guard = ss.guard(name="offloop", fallbacks=[ss.Fallback.model("backup", backup)])(model)
+
+    async def main() -> int:
+        return await guard(3)
+
+    assert asyncio.run(main()) == -3
+    assert len(threads) == 1
+    assert threads[0] != threading.get_ident()

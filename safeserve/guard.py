@@ -42,6 +42,11 @@ from safeserve.validation import Invalid
 class Guard(DegradationPath):
     """A guarded sync function: call it for the answer, `.call()` for the `Outcome`."""
 
+    # What every call reads, in slots: Python 3.11 always specializes a slot's read, and not
+    # always one from the instance dict (`functools.update_wrapper` fills it); the rest of the
+    # guard's state stays in that dict
+    __slots__ = ("_healthy_count", "_p", "breaker", "forced")
+
     # Whether code other than safeserve's may call it (inside an endpoint, say): such a guard
     # arms the middleware's collection of outcomes (`context.armed`).
     endpoint_callable = True

@@ -579,7 +579,8 @@ class _Responder:
         state = self.state
         if state:
             if state == _STARTED:
-                return self.send(message)
+                send = self.send  # a slot read; `self.send(...)` would look it up as a method
+                return send(message)
             if state == _FAILING and _last_part(message) and not self.client_left():
                 return self.answer_failed()
             return _dropped()

@@ -133,9 +133,8 @@ def _template_regex(template: str) -> str:
 
 
 def _add_headers(message: Message, extra: Headers) -> None:
-    headers = message.get("headers", ())
     # a new list: a Response object reuses its own header list for every send
-    message["headers"] = headers + extra if type(headers) is list else [*headers, *extra]
+    message["headers"] = [*message.get("headers", ()), *extra]
 
 
 async def _dropped() -> None:
@@ -216,7 +215,7 @@ class SafeServeMiddleware:
                 if match is not None:
                     route = self.templated[_template_of(match)]
             if route is not None:
-                return _Responder(route, receive, send).serve(scope)
+                return _Responder().serve(route, scope, receive, send)
             if self.annotate_unlisted and context.armed:
                 return _annotated(self.app, scope, receive, send)
         elif scope["type"] == "lifespan":
@@ -365,23 +364,33 @@ class _Responder:
     span: Any
     task: asyncio.Task[Any] | None
 
-    def __init__(self, route: _Route, receive: Receive, send: Send) -> None:
+    # Set up by `serve`, not an `__init__`: Python 3.11 runs a class's `__init__` in an eval
+    # loop of its own, a cost per request.
+    route: _Route
+    receive: Receive
+    send: Send
+    noted: Noted
+    t0: float
+    state: int
+    permit: int
+    notices: list[RawReason] | None
+    first: Message | None
+    rest: _Rest | None
+
+    async def serve(self, route: _Route, scope: Scope, receive: Receive, send: Send) -> None:
+        """Admit, run the endpoint, then answer from a fallback if it did not answer."""
+        self.t0 = perf_counter()
         self.route = route
         self.receive = receive
         self.send = send
-        self.noted: Noted = _NOTHING_NOTED  # a list of its own once there is anything to note
-        self.t0 = perf_counter()
+        self.noted = _NOTHING_NOTED  # a list of its own once there is anything to note
         self.state = _WAITING
         self.permit = 0
-        self.notices: list[RawReason] | None = None  # on the call's record (store_unavailable)
+        self.notices = None  # on the call's record (store_unavailable)
         # the request as the endpoint read it, kept for a fallback: the first message as it is
         # (usually the whole body), then the bodies of any later ones
-        self.first: Message | None = None
-        self.rest: _Rest | None = None
-
-    async def serve(self, scope: Scope) -> None:
-        """Admit, run the endpoint, then answer from a fallback if it did not answer."""
-        route = self.route
+        self.first = None
+        self.rest = None
         guard = route.guard
         p = guard._p
         # what context.collect() does, without its cost; `fall_back` collects for itself
@@ -611,8 +620,8 @@ class _Responder:
             if not p.plain_healthy:  # a sample to record (`log.sample_rate`), a span to annotate
                 self.healthy_extras(p, latency)
         extra = _noted_headers(self.noted) if self.noted else _HEALTHY
-        headers = message.get("headers", ())  # _add_headers, inline: a call costs a frame here
-        message["headers"] = headers + extra if type(headers) is list else [*headers, *extra]
+        # _add_headers, inline: a call costs a frame here
+        message["headers"] = [*message.get("headers", ()), *extra]
         return send(message)
 
     def send_held(self, message: Message, counted: bool = True) -> Awaitable[None]:

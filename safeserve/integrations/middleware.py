@@ -469,9 +469,7 @@ class _Responder:
                 if p.bulkhead is not None:
                     self.release_slot()
             self.state = _DROPPED
-            attempts = [failed_attempt(failure, perf_counter() - self.t0)]
-            d = guard._primary_failed(p, failure, (), {}, 0, permit, self.t0, attempts)
-            await self.fall_back(d, notices)
+            await self.endpoint_failed(failure)
         finally:
             if token is not None:
                 _reset_noted(token)
@@ -526,12 +524,7 @@ class _Responder:
             self.answering = self.task.get_loop().create_task(self.answer_expired())
 
     async def answer_expired(self) -> None:
-        guard = self.route.guard
-        p = guard._p
-        failure = _timeout(p.timeout_s)
-        attempts = [failed_attempt(failure, perf_counter() - self.t0)]
-        d = guard._primary_failed(p, failure, (), {}, 0, self.permit, self.t0, attempts)
-        await self.fall_back_on_span(p, d)
+        await self.endpoint_failed(_timeout(self.route.guard._p.timeout_s))
 
     async def answered_at_deadline(self) -> None:
         """The endpoint unwound after a fallback began to answer at the deadline: that answer
@@ -645,16 +638,15 @@ class _Responder:
         self.state = _ANSWERED
         if getattr(self, "slot", None) is not None:
             self.release_slot()
+        await self.endpoint_failed(EndpointError(f"HTTP {self.failed_status}"))
+
+    async def endpoint_failed(self, failure: Exception) -> None:
+        """The endpoint failed: count it, then a fallback answers, on the request's span (not
+        one the endpoint's framework has open while it sends, or none in a task of its own)."""
         guard = self.route.guard
         p = guard._p
-        failure = EndpointError(f"HTTP {self.failed_status}")
         attempts = [failed_attempt(failure, perf_counter() - self.t0)]
         d = guard._primary_failed(p, failure, (), {}, 0, self.permit, self.t0, attempts)
-        await self.fall_back_on_span(p, d)
-
-    async def fall_back_on_span(self, p: Pipeline, d: Degradation) -> None:
-        """`fall_back` on the request's span, not one the endpoint's framework has open while
-        it sends (or none, in a task of its own)."""
         tracer, span = p.tracer, getattr(self, "span", None)
         if tracer is None or span is None:
             await self.fall_back(d, self.notices)

@@ -126,6 +126,8 @@ class FallbackWalk:
                 (value,) = value.tolist() if isinstance(value, np.ndarray) else value
             except (TypeError, ValueError) as exc:  # not one answer for the one row
                 error = exc
+        if error is None:
+            error = _refused(d, value)
         if error is not None:
             guard._fallback_failed(d, step, error, answered.latency)
             return False
@@ -155,9 +157,13 @@ class FallbackWalk:
         for j, i in enumerate(rows):
             d = self.pending[i]
             answer = as_plain(value[j])
+            refused = None if answer is None else _refused(d, answer)
             if answer is None or first_non_finite(answer) is not None:
                 missing = "no answer" if answer is None else "a non-finite answer"
                 guard._fallback_failed(d, step, NoAnswer(f"{missing} for this row"), latency)
+                still.append(i)
+            elif refused is not None:
+                guard._fallback_failed(d, step, refused, latency)
                 still.append(i)
             elif guard._fallback_ok(d, step, answer, latency):
                 self.finish_row(i, d, answer, step.name)
@@ -191,3 +197,15 @@ class FallbackWalk:
         self.records[i] = record
         self.keep_batch_secrets(record)
         self.guard._emit(p, record, d.x, value, logged=True)
+
+
+def _refused(d: Degradation, answer: Any) -> Exception | None:
+    """What the guard's check of its answers (`Guard.check_answers`) raised for `answer`."""
+    check = d.p.answer_check
+    if check is None:
+        return None
+    try:
+        check(answer)
+    except Exception as exc:
+        return exc
+    return None

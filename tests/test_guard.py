@@ -5,6 +5,7 @@ import inspect
 import threading
 from typing import Any
 
+import numpy as np
 import pytest
 from pydantic import BaseModel
 
@@ -770,3 +771,29 @@ class TestAnswerChecks:
         assert list(result.served_by) == ["primary", "fixed", "primary"]
         [decision] = result.decisions
         assert decision.reasons[0].code == "invalid_output"
+
+    def test_a_batchs_fallback_answers_and_integer_rows_are_held_to_it(self) -> None:
+        def down(rows: Any) -> Any:
+            raise RuntimeError("down")
+
+        fallbacks = [
+            ss.Fallback.model("odd", lambda x: [{1}]),
+            ss.Fallback.model("oddb", lambda rows: [{1} for _ in rows], batch=True),
+            ss.Fallback.static("fixed", 0),
+        ]
+        guard = ss.guard(name="batch-fb", batch=True, fallbacks=fallbacks)(down)
+        guard.check_answers(self.no_sets)
+        assert list(guard.batch([{"a": 1}, {"a": 2}]).served_by) == ["fixed", "fixed"]
+
+        seen: list[Any] = []
+
+        def no_twos(answer: Any) -> None:
+            seen.append(answer)
+            if answer == 2:
+                raise ValueError("two")
+
+        ints = ss.guard(name="batch-int", batch=True, fallbacks=[ss.Fallback.static("fixed", -1)])
+        counted = ints(lambda rows: np.arange(len(rows)))
+        counted.check_answers(no_twos)
+        result = counted.batch([{"a": 1}, {"a": 2}, {"a": 3}])
+        assert list(result.values) == [0, 1, -1]

@@ -96,6 +96,7 @@ def strict(body: bytes) -> Any:
         (ipaddress.ip_interface("10.0.0.1/8"), "10.0.0.1/8"),
         (TypeAdapter(HttpUrl).validate_python("https://example.com/a"), "https://example.com/a"),
         (re.compile("a+b"), "a+b"),
+        (re.compile(b"a+b"), "a+b"),
         (RECORD, [["2024-01-01T00:00:00.000000000", 3.0]]),
         (
             np.ma.masked_array(np.array(["2024-01-01", "2024-02-29"], "M8[D]"), [0, 1]),

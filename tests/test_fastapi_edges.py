@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import enum
 import json
@@ -637,3 +638,106 @@ def test_the_fallback_answers_at_the_deadline_when_the_endpoint_cannot_stop(kind
     [guard] = [g for g in registry.live_guards() if g.name == name]
     [decision] = guard.decisions()
     assert [r.code for r in decision.reasons] == ["timeout"]
+
+
+REQUEST_ID: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
+
+
+def test_a_fallback_answering_at_the_deadline_sees_its_own_requests_context() -> None:
+    """The deadlines' timer runs in the context of the request that set it: a fallback started
+    from it (an endpoint behind a BaseHTTPMiddleware unwinds too late) must not see another
+    request's context variables."""
+    app = FastAPI()
+
+    @app.middleware("http")  # inside ours: the endpoint unwinds through its task group
+    async def tag(request: Request, call_next: Any) -> Any:
+        return await call_next(request)
+
+    @app.post("/p")
+    async def slow() -> dict[str, Any]:
+        await asyncio.sleep(5)
+        return {}
+
+    async def backup(body: Any) -> dict[str, str]:
+        return {"request": REQUEST_ID.get()}
+
+    policy = ss.Policy(
+        name="own-context", timeout_s=0.1, fallbacks=[ss.Fallback.model("backup", backup)]
+    )
+    app.add_middleware(SafeServeMiddleware, routes={"/p": policy})
+
+    async def one(request_id: str) -> Client:
+        REQUEST_ID.set(request_id)  # as a request-id middleware outside ours would
+        client = Client()
+        await app(scope(), *client.io)
+        return client
+
+    async def main() -> list[Client]:
+        return list(await asyncio.wait_for(asyncio.gather(one("A"), one("B"), one("C")), 5))
+
+    answers = [json.loads(c.sent[1]["body"]) for c in asyncio.run(main())]
+    assert answers == [{"request": "A"}, {"request": "B"}, {"request": "C"}]
+
+
+def test_a_fallback_cut_off_by_a_cancellation_leaves_the_calls_record() -> None:
+    """The client went away (the server cancels the request) while a fallback answered: the
+    endpoint's failure is still on a record, with nothing serving it."""
+    entered = asyncio.Event()
+
+    async def slow_backup(body: Any) -> dict[str, str]:
+        entered.set()
+        await asyncio.sleep(5)
+        return {}
+
+    policy = ss.Policy(name="cut-off", fallbacks=[ss.Fallback.model("slow", slow_backup)])
+    middleware = SafeServeMiddleware(after_the_response(fails=True)[0], routes={"/p": policy})
+    [guard] = middleware.guards
+
+    async def main() -> None:
+        running = asyncio.create_task(middleware(scope(), *Client().io))
+        await asyncio.wait_for(entered.wait(), 5)
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+
+    asyncio.run(main())
+    [decision] = guard.decisions()
+    assert decision.served_by is None
+    assert decision.reasons[0].code == "error"
+    assert guard.breaker.figures()["consecutive_failures"] == 1
+
+
+def test_another_cancellation_right_after_the_deadline_still_leaves_a_record() -> None:
+    """The endpoint is stuck after the deadline and another cancellation (the server going
+    away) comes before the fallback's own task has run: that cancellation goes on, and the
+    call is still counted and recorded (its breaker permit used), not dropped."""
+
+    async def endpoint(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:  # the deadline's; the server's comes a turn later
+            asyncio.get_running_loop().call_soon(_current_task_cancel())
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            raise
+
+    policy = ss.Policy(name="raced", timeout_s=0.1, fallbacks=STATIC)
+    middleware = SafeServeMiddleware(endpoint, routes={"/p": policy})
+    [guard] = middleware.guards
+
+    async def main() -> None:
+        with pytest.raises(asyncio.CancelledError):
+            await middleware(scope(), *Client().io)
+        await asyncio.sleep(0.05)  # the fallback's task finishes on its own
+
+    asyncio.run(main())
+    assert guard.stats()["calls"] == 1
+    [decision] = guard.decisions()
+    assert decision.reasons[0].code == "timeout"
+
+
+def _current_task_cancel() -> Any:
+    task = asyncio.current_task()
+    assert task is not None
+    return task.cancel

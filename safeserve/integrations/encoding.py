@@ -96,6 +96,9 @@ def encode_answer(value: Any) -> bytes:
             return json.dumps(plain, allow_nan=False, separators=_COMPACT).encode()  # escaped
     except ValueError:  # int's digit limit (sys.set_int_max_str_digits)
         raise Unencodable("the answer holds an integer too long to write") from None
+    except TypeError as err:  # what `_plain` let through and json cannot write (a bug of ours)
+        kind = type(err).__name__
+        raise Unencodable(f"a value in the answer could not be written ({kind})") from None
 
 
 def _plain(value: Any) -> Any:
@@ -126,7 +129,7 @@ def _plain(value: Any) -> Any:
     if isinstance(value, _AS_TEXT):
         return str(value)
     if isinstance(value, re.Pattern):
-        return value.pattern
+        return _plain(value.pattern)  # text, or bytes
     if isinstance(value, bytes | bytearray):
         try:
             return bytes(value).decode("utf-8")

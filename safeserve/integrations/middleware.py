@@ -19,6 +19,7 @@ import threading
 import warnings
 from bisect import bisect_left
 from collections.abc import Awaitable, Mapping
+from contextvars import Context, copy_context
 from functools import partial
 from random import random
 from time import perf_counter
@@ -148,6 +149,12 @@ async def _disconnected() -> Message:
 
 async def _discard(message: Message) -> None:
     """`send` of a request already answered."""
+
+
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    """Marks a task's exception as seen (it was handled, or reached the log already)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _last_part(message: Message) -> bool:
@@ -341,6 +348,7 @@ class _Responder:
 
     __slots__ = (
         "answering",
+        "context",
         "deadline",
         "failed_status",
         "first",
@@ -358,6 +366,7 @@ class _Responder:
         "task",
     )
     answering: asyncio.Task[None]
+    context: Context
     deadline: float
     failed_status: int
     slot: threading.BoundedSemaphore | None
@@ -424,6 +433,7 @@ class _Responder:
                 if budget is not None:
                     loop = asyncio.get_running_loop()
                     self.task = _current_task(loop)
+                    self.context = copy_context()  # for a fallback answering in a task of its own
                     deadlines = route.deadlines.get(loop) or new_deadlines(route.deadlines, loop)
                     deadlines.watch(self, self.t0 + budget)
                 app = route.app
@@ -513,7 +523,8 @@ class _Responder:
         if task is not None and not task.done() and not task.cancelling():
             self.state = _CANCELLED
             task.cancel()
-            task.get_loop().call_soon(self.answer_if_stuck)
+            # the deadlines' timer runs in the context of the request that set it: not this one
+            task.get_loop().call_soon(self.answer_if_stuck, context=self.context)
 
     def answer_if_stuck(self) -> None:
         """Cancelled at the deadline, the endpoint has still not unwound: it waits for what the
@@ -522,16 +533,17 @@ class _Responder:
         if self.state == _CANCELLED and self.task is not None:
             self.state = _STUCK
             self.answering = self.task.get_loop().create_task(self.answer_expired())
+            self.answering.add_done_callback(_retrieved)  # should no one await it
 
     async def answer_expired(self) -> None:
         await self.endpoint_failed(_timeout(self.route.guard._p.timeout_s))
 
     async def answered_at_deadline(self) -> None:
         """The endpoint unwound after a fallback began to answer at the deadline: that answer
-        stands, and the deadline's cancellation is taken back, unless another came too."""
+        stands, and the deadline's cancellation is taken back. Another cancellation that came
+        too goes on (the answer finishes on its own, with its record)."""
         task = self.task
         if task is not None and task.uncancel() > 0:
-            self.answering.cancel()
             raise asyncio.CancelledError
         await self.answering
 
@@ -564,6 +576,7 @@ class _Responder:
         if rest is None:
             rest = self.rest = _Rest()
         if rest.done:
+            rest.left = rest.left or message["type"] == "http.disconnect"
             return
         if message["type"] != "http.request":
             rest.done = True
@@ -734,9 +747,8 @@ class _Responder:
         guard = self.route.guard
         try:
             d.args = (await self.request_input(),)
-        except Exception:  # reading it failed (an outer body limit's 413, say): that answers
-            with contextlib.suppress(NoFallbackAvailable):  # the call keeps its record
-                guard._finish(d, None, None, self.t0, False, notices)
+        except (Exception, asyncio.CancelledError):  # reading it failed (an outer body limit's
+            self.unanswered(d, notices)  # 413 answers) or was cancelled (the client went away)
             raise
         if not self.noted:
             self.noted = []
@@ -755,9 +767,17 @@ class _Responder:
             extra = [(b"retry-after", str(retry_after).encode())]
             await self.respond(503, content, [*_UNAVAILABLE, *extra])
             return
+        except asyncio.CancelledError:  # cut off mid-walk (the client went away, say)
+            self.unanswered(d, None)  # its notices are on it already
+            raise
         finally:
             _reset_noted(token)
         await self.respond(200, encoded[-1], _noted_headers(self.noted[-1:]))
+
+    def unanswered(self, d: Degradation, notices: list[RawReason] | None) -> None:
+        """No fallback answers after all: the call keeps its record, served by none."""
+        with contextlib.suppress(NoFallbackAvailable):
+            self.route.guard._finish(d, None, None, self.t0, False, notices)
 
     async def respond(self, status: int, content: bytes, headers: Headers) -> None:
         length = (b"content-length", str(len(content)).encode())

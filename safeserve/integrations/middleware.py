@@ -445,7 +445,7 @@ class _Responder:
                 # not ours when another cancellation (the client or server went away, a
                 # caller's timeout) came first
                 if not self.cancelled_at_deadline():
-                    self.abandoned(permit, notices)
+                    self.abandoned()
                     raise
                 failure: Exception = _timeout(budget)
             except Exception as exc:
@@ -455,7 +455,7 @@ class _Responder:
                 # a streamed response failed midway, the app failed after a fallback answered
                 # (too late for a fallback), or the client left mid-upload (no outcome)
                 if self.state in (_STARTED, _ANSWERED) or isinstance(exc, ClientDisconnect):
-                    self.abandoned(permit, notices)
+                    self.abandoned()
                     raise
                 # the endpoint may have turned the deadline's cancellation into another error
                 failure = _timeout(budget) if self.cancelled_at_deadline() else exc
@@ -488,10 +488,11 @@ class _Responder:
                 self.first = self.rest = self.task = None
                 self.receive, self.send = _disconnected, _discard
 
-    def abandoned(self, permit: int, notices: list[RawReason] | None) -> None:
+    def abandoned(self) -> None:
         """The request ends without a fallback's answer from `serve`. An answer already started
         was accounted at its start (and its permit used), a fallback's after a 5xx by
         `answer_failed`; else there is no outcome."""
+        notices = self.notices
         if self.state == _STARTED:
             if notices:
                 self.served_with(notices)
@@ -499,7 +500,7 @@ class _Responder:
         if self.state == _ANSWERED:
             return
         breaker = self.route.guard.breaker
-        breaker.release(permit)
+        breaker.release(self.permit)
         for notice in notices or ():  # for the next call's record
             breaker.post_notice(notice)
         self.state = _DROPPED  # its deadline must not cancel the task's later work

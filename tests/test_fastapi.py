@@ -719,6 +719,28 @@ class TestAdminRoutes:
         assert 'safeserve_call_duration_seconds_count{policy="every"} 4.0' in text
         assert 'safeserve_calls_total{policy="every",served_by="rules"} 4.0' in text
 
+    def test_healthy_route_requests_counted_in_bulk_are_all_read(self) -> None:
+        """The middleware counts a healthy answer, and puts its latency in the histogram, in bulk
+        (appended per request, folded every few hundred): stats, health and metrics read every
+        request all the same, between folds and across one."""
+        guard = ss.guard(policy("bulk"))(Model().answer)
+        app = build_app(Model(), {"/predict": guard}, guards=[guard], token=TOKEN)
+        for served in (3, 300):
+            run(app, *[("POST", "/predict", {"json": BODY})] * served)
+            healthy = guard.stats()["served_by"]["primary"]
+            text = run(app, ("GET", "/safeserve/metrics", {}))[0].text
+            for series in (
+                'safeserve_calls_total{policy="bulk",served_by="primary"}',
+                'safeserve_call_duration_seconds_count{policy="bulk"}',
+                'safeserve_call_duration_seconds_bucket{le="+Inf",policy="bulk"}',
+            ):
+                assert f"{series} {healthy}.0" in text
+        assert healthy == 303
+        assert post(app, body={"amount": "not a number"}).status_code == 422  # the endpoint's
+        [entry] = run(app, ("GET", "/safeserve/health", {}))[0].json()["guards"]
+        assert (entry["calls"], entry["degraded"]) == (304, 0)
+        assert sum(guard.histograms.latency.counts) == 304
+
     def test_calls_total_adds_up_to_every_call(self) -> None:
         """Served, failed (nothing answered) and rejected (`on_invalid: reject`) calls are all in
         `safeserve_calls_total`; the unanswered ones as served_by "none"."""

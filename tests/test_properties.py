@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 import safeserve as ss
+from safeserve.histograms import LATENCY_BUCKETS, Histogram
 
 MODES = ["ok", "raise", "slow", "nan", "low", "invalid"]
 EXCEPTIONS = [ValueError, ConnectionError, RuntimeError, KeyError, ZeroDivisionError]
@@ -138,3 +139,23 @@ def test_every_call_answers_or_raises_typed_error_and_is_logged_once(
         for record, mode in zip(decisions, degraded_modes, strict=True):
             assert record["degraded"] is True
             assert EXPECTED_CODES[mode] & {r["code"] for r in record["reasons"]}, (mode, record)
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.floats(min_value=0.0, max_value=20.0),
+            st.sampled_from(LATENCY_BUCKETS),  # on a bound: in its bucket, not the next
+        ),
+        max_size=300,
+    )
+)
+def test_a_histogram_filled_in_bulk_matches_one_filled_value_by_value(values: list[float]) -> None:
+    """`add_many` (the middleware's folded latencies) puts each value in the bucket `add` does."""
+    one_by_one, in_bulk = Histogram(LATENCY_BUCKETS), Histogram(LATENCY_BUCKETS)
+    for v in values:
+        one_by_one.add(v)
+    in_bulk.add_many(list(values))
+    in_bulk.add_many([])
+    assert in_bulk.counts == one_by_one.counts
+    assert math.isclose(in_bulk.total, one_by_one.total, abs_tol=1e-9)

@@ -17,7 +17,6 @@ import math
 import re
 import threading
 import warnings
-from bisect import bisect_left
 from collections.abc import Awaitable, Mapping
 from contextvars import Context, copy_context
 from functools import partial
@@ -49,6 +48,8 @@ _HEALTHY = [(SERVED_BY, b"primary"), (DEGRADED, b"false")]
 _UNAVAILABLE = [(SERVED_BY, b"none"), (DEGRADED, b"true")]
 _NOTHING_NOTED: Any = ()  # a request's `noted` while nothing can be noted (falsy, never appended)
 _JSON = (b"content-type", b"application/json")
+# healthy answers a route counts at once (`Guard.fold_healthy`), from a list of their latencies
+_FOLD_AT = 256
 _GROUP = "_safeserve_route"  # a template's group in the routes' regex: _safeserve_route0, ...
 _NOTED_KEY = "safeserve.noted"  # in a failed request's scope: what its guarded calls noted
 Headers = list[tuple[bytes, bytes]]
@@ -618,14 +619,17 @@ class _Responder:
                 breaker.on_success(self.permit, latency)
         else:  # a 4xx is the endpoint's answer, neither success nor failure
             breaker.release(self.permit)
-        histogram = route.latency  # Histogram.add, inline
-        histogram.counts[bisect_left(histogram.bounds, latency)] += 1
-        histogram.total += latency
-        if counted:  # else `served_with` counts and records it
-            next(guard._healthy_count)
+        if counted:
+            # counted, and its latency put in the histogram, in bulk (`Guard.fold_healthy`)
+            pending = guard._healthy_latencies
+            pending.append(latency)
+            if len(pending) >= _FOLD_AT:
+                guard.fold_healthy()
             p = guard._p
             if not p.plain_healthy:  # a sample to record (`log.sample_rate`), a span to annotate
                 self.healthy_extras(p, latency)
+        else:  # `served_with` counts and records it
+            route.latency.add(latency)
         extra = _noted_headers(self.noted) if self.noted else _HEALTHY
         # _add_headers, inline: a call costs a frame here
         message["headers"] = [*message.get("headers", ()), *extra]

@@ -45,7 +45,7 @@ class Guard(DegradationPath):
     # What every call reads, in slots: Python 3.11 always specializes a slot's read, and not
     # always one from the instance dict (`functools.update_wrapper` fills it); the rest of the
     # guard's state stays in that dict
-    __slots__ = ("_healthy_count", "_healthy_latencies", "_p", "breaker", "forced")
+    __slots__ = ("_healthy_count", "_p", "breaker", "forced")
 
     # Whether code other than safeserve's may call it (inside an endpoint, say): such a guard
     # arms the middleware's collection of outcomes (`context.armed`).
@@ -63,15 +63,12 @@ class Guard(DegradationPath):
         self._ring: deque[Record] = deque(maxlen=log.ring_size if log else 1000)
         # counters: healthy calls on a lock-free counter, the rest under a lock
         self._healthy_count = itertools.count()
-        # healthy calls a hot path (the middleware's) counts later, in bulk: their latencies,
-        # appended there and folded into the counts and the histogram by `fold_healthy`
-        self._healthy_latencies: list[float] = []
         self._lock = threading.Lock()
         self._served: dict[str, int] = {}
         self._reasons: dict[str, int] = {}
         self._counts = {"degraded": 0, "flagged": 0, "failed": 0, "rejected": 0}
         self._counts["dropped_records"] = 0
-        self._counts["healthy_in_bulk"] = 0  # healthy batch rows and folded calls
+        self._counts["healthy_in_batches"] = 0  # healthy batch rows, counted in one step
         self.ok_latency_s = 0.0  # running mean of healthy primary latency, for retry planning
         registry.register(self)
         if self.endpoint_callable:
@@ -86,13 +83,11 @@ class Guard(DegradationPath):
         if p.hist is None:
             p.hist = Histograms()
             p.timed = True
-        self.fold_healthy()
         return p.hist
 
     @property
     def histograms(self) -> Histograms | None:
         """The histograms, if something has started them (`collect_histograms`)."""
-        self.fold_healthy()
         return self._p.hist
 
     # -- the sync driver ---------------------------------------------------------------------
@@ -315,13 +310,13 @@ class Guard(DegradationPath):
     # -- introspection -----------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """Counts since the guard was created: calls, served_by, reasons and the rest."""
-        self.fold_healthy()
         healthy = int(repr(self._healthy_count)[6:-1])  # itertools.count: read without a lock
+        healthy += self._appended_healthy()
         with self._lock:
             served = dict(self._served)
             reasons = dict(self._reasons)
             counts = dict(self._counts)
-        healthy += counts.pop("healthy_in_bulk")
+        healthy += counts.pop("healthy_in_batches")
         if healthy:
             served["primary"] = served.get("primary", 0) + healthy
         pool = self._p.pool
@@ -342,29 +337,23 @@ class Guard(DegradationPath):
 
     def calls_total(self) -> int:
         """Calls so far (for the retry budget)."""
-        healthy = int(repr(self._healthy_count)[6:-1]) + self._counts["healthy_in_bulk"]
-        healthy += len(self._healthy_latencies)
+        healthy = int(repr(self._healthy_count)[6:-1]) + self._counts["healthy_in_batches"]
+        healthy += self._appended_healthy()
         return healthy + self._counts["degraded"] + self._counts["rejected"]
+
+    def _appended_healthy(self) -> int:
+        """Healthy answers counted in bulk: a guarded route appends their latencies to the
+        latency histogram's `pending` instead of stepping the counter (its hot path)."""
+        hist = self._p.hist
+        if hist is None:
+            return 0
+        hist.latency.fold()
+        return hist.latency.appended
 
     def add_healthy(self, n: int) -> None:
         """Count `n` healthy calls at once (the rows of a batch the primary served)."""
         with self._lock:
-            self._counts["healthy_in_bulk"] += n
-
-    def fold_healthy(self) -> None:
-        """Count the healthy calls appended to `_healthy_latencies`, their latencies in the
-        histogram: a few steps for any number of them, so that a hot path appends instead."""
-        pending = self._healthy_latencies
-        if not pending:
-            return
-        with self._lock:  # one fold at a time; appends meanwhile stay for the next
-            n = len(pending)
-            latencies = pending[:n]
-            del pending[:n]
-            self._counts["healthy_in_bulk"] += n
-            hist = self._p.hist
-            if hist is not None:
-                hist.latency.add_many(latencies)
+            self._counts["healthy_in_batches"] += n
 
     def decisions(self) -> list[Decision]:
         """The most recent decision records (in-memory ring, oldest first)."""

@@ -6,6 +6,7 @@ admin router and the middleware call): until then a call pays nothing for them.
 
 from __future__ import annotations
 
+import threading
 from bisect import bisect_left, bisect_right
 
 # seconds, as prometheus_client's default buckets, from a millisecond
@@ -15,30 +16,58 @@ CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1
 
 class Histogram:
     """Counts per bucket (`counts[i]`: values <= bounds[i]; the last: above every bound) and
-    their sum. Written without a lock: a rare lost increment is a scrape's rounding."""
+    their sum. Written without a lock: a rare lost increment is a scrape's rounding.
 
-    __slots__ = ("bounds", "counts", "total")
+    A hot path may append values to `pending` instead of `add`ing each, and `fold` them in now
+    and then: reading `counts` or `total` folds them first, and `appended` counts them.
+    """
+
+    __slots__ = ("_counts", "_lock", "_total", "appended", "bounds", "pending")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
-        self.counts = [0] * (len(bounds) + 1)
-        self.total = 0.0
+        self._counts = [0] * (len(bounds) + 1)
+        self._total = 0.0
+        self.pending: list[float] = []
+        self.appended = 0  # the values folded from `pending`
+        self._lock = threading.Lock()
 
     def add(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.total += value
+        self._counts[bisect_left(self.bounds, value)] += 1
+        self._total += value
 
-    def add_many(self, values: list[float]) -> None:
-        """`add` for each of `values` (sorted in place), in a dozen steps whatever their number."""
-        values.sort()
-        counts = self.counts
-        below = 0
-        for i, bound in enumerate(self.bounds):
-            upto = bisect_right(values, bound)  # the values <= bound
-            counts[i] += upto - below
-            below = upto
-        counts[-1] += len(values) - below
-        self.total += sum(values)
+    @property
+    def counts(self) -> list[int]:
+        self.fold()
+        return self._counts
+
+    @property
+    def total(self) -> float:
+        self.fold()
+        return self._total
+
+    def fold(self) -> None:
+        """Adds the values in `pending`: a dozen steps for any number of them."""
+        pending = self.pending
+        if not pending:
+            return
+        with self._lock:  # one fold at a time; values appended meanwhile wait for the next
+            n = len(pending)
+            values = pending[:n]
+            del pending[:n]
+            values.sort()
+            counts = self._counts
+            below = 0
+            for i, bound in enumerate(self.bounds):
+                upto = bisect_right(values, bound)  # the values <= bound
+                counts[i] += upto - below
+                below = upto
+            counts[-1] += n - below
+            # summed before the `+=`, which then makes no call between its read and its write
+            # (where another thread's `add` could slip in and be lost)
+            total = sum(values)
+            self._total += total
+            self.appended += n
 
 
 class Histograms:

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -134,3 +135,32 @@ def test_async_tasks_through_one_guard_count_and_log_exactly(tmp_path: Path) -> 
 
     results = asyncio.run(main())
     check(guard, log_path, range(TASKS), dict(enumerate(results)))
+
+
+def test_a_histogram_folding_in_bulk_loses_no_value_added_meanwhile() -> None:
+    """A route folds its appended latencies into the histogram while another thread `add`s to
+    it (a guarded function called from a sync endpoint): every value stays in count and sum.
+    Threads switch as often as the interpreter lets them, so a fold that another thread's add
+    could slip into (between reading the sum and writing it back) loses some here."""
+    from safeserve.histograms import LATENCY_BUCKETS, Histogram
+
+    hist = Histogram(LATENCY_BUCKETS)
+    adds, folds, batch = 20_000, 2_000, [0.25] * 8  # sums exact in binary
+
+    def add_all() -> None:
+        for _ in range(adds):
+            hist.add(0.5)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        adder = threading.Thread(target=add_all)
+        adder.start()
+        for _ in range(folds):
+            hist.pending.extend(batch)
+            hist.fold()
+        adder.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert sum(hist.counts) == adds + folds * len(batch)
+    assert hist.total == adds * 0.5 + folds * sum(batch)

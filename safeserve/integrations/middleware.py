@@ -48,7 +48,7 @@ _HEALTHY = [(SERVED_BY, b"primary"), (DEGRADED, b"false")]
 _UNAVAILABLE = [(SERVED_BY, b"none"), (DEGRADED, b"true")]
 _NOTHING_NOTED: Any = ()  # a request's `noted` while nothing can be noted (falsy, never appended)
 _JSON = (b"content-type", b"application/json")
-# healthy answers a route counts at once (`Guard.fold_healthy`), from a list of their latencies
+# healthy answers a route counts and times at once (`Histogram.fold`)
 _FOLD_AT = 256
 _GROUP = "_safeserve_route"  # a template's group in the routes' regex: _safeserve_route0, ...
 _NOTED_KEY = "safeserve.noted"  # in a failed request's scope: what its guarded calls noted
@@ -68,12 +68,15 @@ class _Route:
     """A guarded route: the app behind it, its guard, latency histogram, body limit and the
     time budgets of its requests in flight."""
 
-    __slots__ = ("app", "deadlines", "guard", "latency", "max_body")
+    __slots__ = ("app", "deadlines", "guard", "latency", "max_body", "pending")
 
     def __init__(self, app: ASGIApp, guard: Guard, max_body: int) -> None:
         self.app = app
         self.guard = guard
+        # a healthy answer's latency is appended to `pending`, which the guard counts too
+        # (`Guard._appended_healthy`); the histogram outlives the guard's reloads
         self.latency = guard.collect_histograms().latency
+        self.pending = self.latency.pending
         self.max_body = max_body
         self.deadlines: dict[asyncio.AbstractEventLoop, Deadlines] = {}
 
@@ -620,11 +623,11 @@ class _Responder:
         else:  # a 4xx is the endpoint's answer, neither success nor failure
             breaker.release(self.permit)
         if counted:
-            # counted, and its latency put in the histogram, in bulk (`Guard.fold_healthy`)
-            pending = guard._healthy_latencies
+            # counted, and its latency put in the histogram, in bulk (`Histogram.fold`)
+            pending = route.pending
             pending.append(latency)
             if len(pending) >= _FOLD_AT:
-                guard.fold_healthy()
+                route.latency.fold()
             p = guard._p
             if not p.plain_healthy:  # a sample to record (`log.sample_rate`), a span to annotate
                 self.healthy_extras(p, latency)

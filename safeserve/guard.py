@@ -311,7 +311,6 @@ class Guard(DegradationPath):
     def stats(self) -> dict[str, Any]:
         """Counts since the guard was created: calls, served_by, reasons and the rest."""
         healthy = int(repr(self._healthy_count)[6:-1])  # itertools.count: read without a lock
-        healthy += self._appended_healthy()
         with self._lock:
             served = dict(self._served)
             reasons = dict(self._reasons)
@@ -338,17 +337,7 @@ class Guard(DegradationPath):
     def calls_total(self) -> int:
         """Calls so far (for the retry budget)."""
         healthy = int(repr(self._healthy_count)[6:-1]) + self._counts["healthy_in_batches"]
-        healthy += self._appended_healthy()
         return healthy + self._counts["degraded"] + self._counts["rejected"]
-
-    def _appended_healthy(self) -> int:
-        """Healthy answers counted in bulk: a guarded route appends their latencies to the
-        latency histogram's `pending` instead of stepping the counter (its hot path)."""
-        hist = self._p.hist
-        if hist is None:
-            return 0
-        hist.latency.fold()
-        return hist.latency.appended
 
     def add_healthy(self, n: int) -> None:
         """Count `n` healthy calls at once (the rows of a batch the primary served)."""

@@ -19,18 +19,16 @@ class Histogram:
     their sum. Written without a lock: a rare lost increment is a scrape's rounding.
 
     A hot path may append values to `pending` instead of `add`ing each, and `fold` them in now
-    and then: reading `counts` or `total` folds them first, and `appended` counts them.
+    and then: reading `counts` or `total` folds them in first.
     """
 
-    __slots__ = ("_counts", "_lock", "_total", "appended", "bounds", "pending")
+    __slots__ = ("_counts", "_total", "bounds", "pending")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         self._counts = [0] * (len(bounds) + 1)
         self._total = 0.0
         self.pending: list[float] = []
-        self.appended = 0  # the values folded from `pending`
-        self._lock = threading.Lock()
 
     def add(self, value: float) -> None:
         self._counts[bisect_left(self.bounds, value)] += 1
@@ -47,12 +45,13 @@ class Histogram:
         return self._total
 
     def fold(self) -> None:
-        """Adds the values in `pending`: a dozen steps for any number of them."""
+        """Adds the values in `pending`: a dozen steps for any number of them. Once it returns,
+        every value appended before it was called is in (another thread's fold included)."""
         pending = self.pending
-        if not pending:
-            return
-        with self._lock:  # one fold at a time; values appended meanwhile wait for the next
+        with _folding:  # one fold at a time; values appended meanwhile wait for the next
             n = len(pending)
+            if not n:
+                return
             values = pending[:n]
             del pending[:n]
             values.sort()
@@ -67,7 +66,10 @@ class Histogram:
             # (where another thread's `add` could slip in and be lost)
             total = sum(values)
             self._total += total
-            self.appended += n
+
+
+# Folds are rare (every few hundred values, and when the histograms are read): one lock for all
+_folding = threading.Lock()
 
 
 class Histograms:

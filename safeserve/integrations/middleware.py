@@ -48,7 +48,7 @@ _HEALTHY = [(SERVED_BY, b"primary"), (DEGRADED, b"false")]
 _UNAVAILABLE = [(SERVED_BY, b"none"), (DEGRADED, b"true")]
 _NOTHING_NOTED: Any = ()  # a request's `noted` while nothing can be noted (falsy, never appended)
 _JSON = (b"content-type", b"application/json")
-# healthy answers a route counts and times at once (`Histogram.fold`)
+# the latencies a route puts in its histogram at once (`Histogram.fold`)
 _FOLD_AT = 256
 _GROUP = "_safeserve_route"  # a template's group in the routes' regex: _safeserve_route0, ...
 _NOTED_KEY = "safeserve.noted"  # in a failed request's scope: what its guarded calls noted
@@ -73,8 +73,7 @@ class _Route:
     def __init__(self, app: ASGIApp, guard: Guard, max_body: int) -> None:
         self.app = app
         self.guard = guard
-        # a healthy answer's latency is appended to `pending`, which the guard counts too
-        # (`Guard._appended_healthy`); the histogram outlives the guard's reloads
+        # an answer's latency is appended to `pending`; the histogram outlives the guard's reloads
         self.latency = guard.collect_histograms().latency
         self.pending = self.latency.pending
         self.max_body = max_body
@@ -622,17 +621,15 @@ class _Responder:
                 breaker.on_success(self.permit, latency)
         else:  # a 4xx is the endpoint's answer, neither success nor failure
             breaker.release(self.permit)
-        if counted:
-            # counted, and its latency put in the histogram, in bulk (`Histogram.fold`)
-            pending = route.pending
-            pending.append(latency)
-            if len(pending) >= _FOLD_AT:
-                route.latency.fold()
+        pending = route.pending  # into the histogram in bulk (`Histogram.fold`)
+        pending.append(latency)
+        if len(pending) >= _FOLD_AT:
+            route.latency.fold()
+        if counted:  # else `served_with` counts and records it
+            next(guard._healthy_count)
             p = guard._p
             if not p.plain_healthy:  # a sample to record (`log.sample_rate`), a span to annotate
                 self.healthy_extras(p, latency)
-        else:  # `served_with` counts and records it
-            route.latency.add(latency)
         extra = _noted_headers(self.noted) if self.noted else _HEALTHY
         # _add_headers, inline: a call costs a frame here
         message["headers"] = [*message.get("headers", ()), *extra]

@@ -114,6 +114,16 @@ def test_an_unknown_option_is_reported_with_its_subcommands_usage(
     assert "safeserve check: error: unrecognized arguments: --bogus" in err
 
 
+def test_an_unknown_option_before_the_subcommand_is_reported_by_safeserve(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An option on `safeserve`'s part of the line is not blamed on the subcommand."""
+    assert main(["--bogus", "check", "policies.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: safeserve [-h]")
+    assert "safeserve: error: unrecognized arguments: --bogus" in err
+
+
 def test_a_subcommand_is_required(capsys: pytest.CaptureFixture[str]) -> None:
     """Running `safeserve` alone is a usage error too."""
     assert main([]) == 2

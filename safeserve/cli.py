@@ -214,8 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:  # reported by the parser whose part of the line they are on, in its words
             given = list(sys.argv[1:] if argv is None else argv)
             before = given[: given.index(args.command)] if args.command in given else given
-            owner = parser if any(u in before for u in unknown) else getattr(args, "parser", parser)
-            owner.error(f"unrecognized arguments: {' '.join(unknown)}")
+            early = [u for u in unknown if u in before]
+            if early:
+                parser.error(f"unrecognized arguments: {' '.join(early)}")
+            getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exc:  # usage errors (2) and --help (0) become return codes
         if exc.code is None:
             return 0

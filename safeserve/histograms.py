@@ -68,8 +68,9 @@ class Histogram:
             self._total += total
 
 
-# Folds are rare (every few hundred values, and when the histograms are read): one lock for all
-_folding = threading.Lock()
+# Folds are rare (every few hundred values, and when the histograms are read): one lock for all,
+# re-entrant so that a read from inside a fold (a signal handler's, a finalizer's) cannot hang
+_folding = threading.RLock()
 
 
 class Histograms:

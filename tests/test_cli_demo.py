@@ -122,6 +122,8 @@ def test_an_unknown_option_before_the_subcommand_is_reported_by_safeserve(
     err = capsys.readouterr().err
     assert err.startswith("usage: safeserve [-h]")
     assert "safeserve: error: unrecognized arguments: --bogus" in err
+    assert main(["--bogus", "demo", "check"]) == 2  # one of each: the first part's is reported
+    assert "safeserve: error: unrecognized arguments: --bogus\n" in capsys.readouterr().err
 
 
 def test_a_subcommand_is_required(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from asgi_app import SECRET, Model, build_app, rules_fallback
+from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -354,8 +355,15 @@ class TestConfigFile:
         assert json.loads(out.stdout)["$defs"]["FileLog"]["properties"]["trace"] == log["trace"]
 
 
+def server_spans(app: ASGIApp, spans: Spans) -> ASGIApp:
+    """OpenTelemetry's own ASGI middleware (what `opentelemetry-instrument` and
+    `FastAPIInstrumentor` put around an app): a server span per request, current while the app
+    runs; none for each message sent or received."""
+    return OpenTelemetryMiddleware(app, tracer=spans.tracer, exclude_spans=["receive", "send"])
+
+
 class SpanPerRequest:
-    """A span around each HTTP request, current while the app runs (as OTel's ASGI middleware)."""
+    """A span around each HTTP request, current while the app runs: an endpoint's own."""
 
     def __init__(self, app: ASGIApp, tracer: Tracer, name: str = "") -> None:
         self.app = app
@@ -385,9 +393,7 @@ class TestFastAPIMiddleware:
     def traced_app(self, spans: Spans, model: Model, **fields: Any) -> Any:
         fields.setdefault("fallbacks", [rules_fallback()])
         guard = ss.guard(policy(f"route-{model.mode}", **fields))(model.answer)
-        app = build_app(model, {"/predict": guard})
-        app.add_middleware(SpanPerRequest, tracer=spans.tracer)
-        return app
+        return server_spans(build_app(model, {"/predict": guard}), spans)
 
     @pytest.mark.parametrize("timeout_s", [None, 1.0])
     def test_healthy_route_annotates_the_request_span(
@@ -445,7 +451,7 @@ class TestFastAPIMiddleware:
         guard = ss.guard(policy("route-inner", fallbacks=[rules_fallback()]))(model.answer)
         endpoint_app = build_app(model, {})
         inner = SpanPerRequest(endpoint_app, spans.tracer, name="endpoint ")
-        app = SpanPerRequest(SafeServeMiddleware(inner, {"/predict": guard}), spans.tracer)
+        app = server_spans(SafeServeMiddleware(inner, {"/predict": guard}), spans)
         # the whole app is wrapped: its error middleware answers 500, then raises for the log
         post_all(app, {"amount": 1.0}, {"amount": 2.0, "mode": "crash"}, raise_app_exceptions=False)
         by_name = {}
@@ -454,3 +460,38 @@ class TestFastAPIMiddleware:
         served = [a["safeserve.served_by"] for a in by_name["POST /predict"]]
         assert served == ["primary", "rules"]
         assert all(a == {} for a in by_name["endpoint POST /predict"])
+
+
+class TestServe:
+    def test_serve_predictions_annotate_the_server_span(
+        self, tmp_path: Path, spans: Spans, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """`safeserve serve`'s app under OpenTelemetry's ASGI middleware (as
+        `opentelemetry-instrument` runs it): each prediction of a policy with `log: {trace:
+        true}` marks its server span, a crash served by the fallback as degraded, with neither
+        the input nor the error on the span."""
+        from safeserve.serve import build_app as serve_app
+
+        (tmp_path / "traced_models.py").write_text(
+            f"def score(x):\n    if x.get('crash'):\n        raise RuntimeError({SECRET!r})\n"
+            "    return {'label': 'approve'}\n"
+        )
+        monkeypatch.syspath_prepend(str(tmp_path))
+        (tmp_path / "policies.yaml").write_text(
+            "policies:\n  fraud:\n    model: traced_models:score\n    log: {trace: true}\n"
+            "    fallbacks:\n      - {name: default, static: {label: review}}\n"
+        )
+        app = server_spans(serve_app(tmp_path / "policies.yaml"), spans)
+        bodies = [{"card": CARD}, {"card": CARD, "crash": True}]
+        answers = post_all(app, *bodies, url="/v1/models/fraud/predict")
+        assert [r.json() for r in answers] == [{"label": "approve"}, {"label": "review"}]
+        healthy, degraded = (attrs(s) for s in spans.finished())
+        marks = "safeserve.served_by", "safeserve.degraded"
+        assert [healthy[k] for k in marks] == ["primary", False]
+        assert [degraded[k] for k in marks] == ["default", True]
+        assert degraded["safeserve.reasons"] == ["error"]
+        assert degraded["safeserve.policy"] == "fraud"
+        text = everything_on(spans.finished())
+        for leak in (CARD, SECRET, "RuntimeError"):
+            assert leak not in text
+        sys.modules.pop("traced_models", None)

@@ -292,8 +292,10 @@ class Guard(DegradationPath):
             raise PolicyError(["model: a reload cannot switch between sync and async"])
         old = self._p
         new = Pipeline(fn, policy, self.is_async, old)
-        if policy.breaker != old.policy.breaker or policy.owner != old.policy.owner:
+        if policy.breaker != old.policy.breaker:
             self.breaker = self._new_breaker(policy)
+        else:  # a new owner is named on the breaker's records; its state stays (an open by hand)
+            self.breaker.owner = policy.owner
         self.fn = fn
         self._p = new
         if old.profiler is not None:

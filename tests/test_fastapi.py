@@ -858,6 +858,81 @@ class TestAdminRoutes:
         for g in shared:  # off the failing sink: later tests' records must not fail there
             g.reload(g.policy.model_copy(update={"log": None}))
 
+    def test_sinks_sharing_a_name_add_up_their_failures(self) -> None:
+        """Two sinks of one class (two topics, say) label the same: their failures add up, and
+        the counter does not show one sink's count for both."""
+
+        class Refusing:
+            def __call__(self, record: dict[str, Any]) -> None:
+                raise OSError("collector down")
+
+        guards = [
+            ss.guard(
+                name=f"sink-{i}",
+                fallbacks=[ss.Fallback.static("s", 0)],
+                log=ss.DecisionLogConfig(sink=Refusing()),
+            )(lambda x: 1 / 0)
+            for i in range(2)
+        ]
+        for g, calls in zip(guards, (3, 2), strict=True):
+            for _ in range(calls):
+                assert g(1) == 0
+        ss.flush_logs()
+        text = run(self.admin(guards), ("GET", "/safeserve/metrics", {}))[0].text
+        names = {g.policy_writer().name for g in guards}  # type: ignore[union-attr]
+        [name] = names
+        assert f'safeserve_log_write_failures_total{{sink="{name}"}} 5.0' in text
+        for g in guards:
+            g.reload(g.policy.model_copy(update={"log": None}))
+
+    def test_a_guarded_method_and_a_guard_listed_twice_are_its_guard_once(self) -> None:
+        """`admin_router([svc.predict])`: health answers (a bound method was a 500 on every
+        probe) and counts the method's calls; a guard listed twice is counted once."""
+
+        class Service:
+            @ss.guard(policy("method"))
+            def predict(self, x: Any) -> int:
+                return 1
+
+        svc = Service()
+        assert [svc.predict({}) for _ in range(3)] == [1, 1, 1]
+        app = FastAPI()
+        app.include_router(admin_router([svc.predict, Service.predict, svc.predict], token=TOKEN))
+        r = run(app, ("GET", "/safeserve/health", {}))[0]
+        assert r.status_code == 200
+        [entry] = r.json()["guards"]
+        assert (entry["name"], entry["calls"]) == ("method", 3)
+        text = run(app, ("GET", "/safeserve/metrics", {}))[0].text
+        assert 'safeserve_calls_total{policy="method",served_by="primary"} 3.0' in text
+
+    def test_a_new_owner_on_reload_keeps_a_breaker_opened_by_hand(
+        self, guards: list[ss.Guarded]
+    ) -> None:
+        """Editing only the on-call owner does not send traffic back to a model an operator
+        took out: the breaker stays open, and its records name the new owner."""
+        app = self.admin(guards)
+        auth = {"headers": {"Authorization": f"Bearer {TOKEN}"}}
+        assert run(app, ("POST", "/safeserve/breakers/admin-a/open", auth))[0].status_code == 200
+        guards[0].reload(guards[0].policy.model_copy(update={"owner": "new-oncall"}))
+        r = run(app, ("GET", "/safeserve/health", {}))[0]
+        entry = r.json()["guards"][0]
+        assert (r.status_code, entry["state"], entry["owner"]) == (503, "open", "new-oncall")
+        assert guards[0].breaker.owner == "new-oncall"
+
+    @pytest.mark.parametrize("configured", ["", "  ", "\n"])
+    def test_an_empty_token_is_no_token(self, guards: list[ss.Guarded], configured: str) -> None:
+        """A token variable set but empty refuses breaker control (403), never opens it to an
+        empty bearer; a secret file's trailing newline is not part of the token."""
+        app = self.admin(guards, token=configured)
+        for sent in ("Bearer  ", "Bearer \t", "Bearer x"):
+            auth = {"headers": {"Authorization": sent}}
+            r = run(app, ("POST", "/safeserve/breakers/admin-a/open", auth))[0]
+            assert r.status_code in (401, 403), sent
+        assert guards[0].breaker.state == "closed"
+        app = self.admin(guards, token=TOKEN + "\n")
+        auth = {"headers": {"Authorization": f"Bearer {TOKEN}"}}
+        assert run(app, ("POST", "/safeserve/breakers/admin-a/open", auth))[0].status_code == 200
+
     @pytest.mark.parametrize(
         ("token", "authorization", "status"),
         [

@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 
 from safeserve import registry
 from safeserve.breaker import DISABLED, FORCED_OPEN, HALF_OPEN, METRICS_ONLY, OPEN
-from safeserve.guard import Guard
+from safeserve.guard import Guard, _Bound
 from safeserve.histograms import CONFIDENCE_BUCKETS, LATENCY_BUCKETS, Histogram
 
 _COUNTERS = {
@@ -81,7 +81,7 @@ class _Collector(Collector):
         confidence: dict[str, list[Histogram]] = {}
         writers = {id(w): w for g in self.guards() if (w := g.policy_writer()) is not None}
         for w in writers.values():  # a sink shared by guards is counted once
-            counts["log_write_failures"][(w.name,)] = w.failed
+            counts["log_write_failures"][(w.name,)] += w.failed  # sinks may share a name
         for g in self.guards():
             stats = g.stats()
             counts["calls"].update({(g.name, str(k)): n for k, n in stats["served_by"].items()})
@@ -154,6 +154,15 @@ def _described(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {}}}
 
 
+def _distinct(guards: Iterable[Guard]) -> list[Guard]:
+    """The guards in order, each once; a bound method's (`svc.predict`) is its guard's."""
+    seen: dict[int, Guard] = {}
+    for given in guards:
+        g = given._guard if isinstance(given, _Bound) else given
+        seen.setdefault(id(g), g)
+    return list(seen.values())
+
+
 def admin_router(
     guards: Iterable[Guard] | None = None, token: str | None = None, prefix: str = "/safeserve"
 ) -> APIRouter:
@@ -162,7 +171,10 @@ def admin_router(
     `POST {prefix}/breakers/{name}/{open|close|reset}` needs `Authorization: Bearer <token>`;
     without a configured token it always answers 403.
     """
-    fixed = list(guards) if guards is not None else None
+    # a guarded method (`svc.predict`) counts as its guard, and a guard listed twice once
+    fixed = _distinct(guards) if guards is not None else None
+    if token is not None:  # "" (a variable set but empty) is no token; a secret file's "\n" goes
+        token = token.strip() or None
     if fixed is None:
         registry.collect_histograms_everywhere()
     else:

@@ -693,6 +693,7 @@ class TestAdminRoutes:
         guards[1].open()
         r = run(app, ("GET", "/safeserve/health", {}))[0]
         assert (r.status_code, r.json()["status"]) == (503, "unavailable")
+        assert run(app, ("HEAD", "/safeserve/health", {}))[0].status_code == 503  # a probe's
 
     def test_metrics_are_prometheus_text(self, guards: list[ss.Guarded]) -> None:
         """Calls, reasons, breaker state and latency are exported in the text format."""
@@ -1023,6 +1024,8 @@ class TestRealUvicorn:
         health = self.get(uvicorn_server, "/safeserve/health")
         assert health.status_code == 200
         assert {g["name"] for g in health.json()["guards"]} >= {"served", "served-stream"}
+        probe = self.get(uvicorn_server, "/safeserve/health", method="HEAD")  # a balancer's
+        assert (probe.status_code, probe.content) == (200, b"")
 
     def test_stream_chunks_arrive_as_they_are_made(self, uvicorn_server: UvicornServer) -> None:  # noqa: F811
         """The first chunk reaches the client well before the stream ends (gap 0.2 s)."""

@@ -210,6 +210,10 @@ def admin_router(
         body = {"status": "unavailable" if down else "ok", "guards": entries}
         return JSONResponse(body, 503 if down else 200)
 
+    # HEAD too (some load balancers and uptime checks probe with it), left out of the OpenAPI
+    # schema, where it would be a second operation of the same name
+    router.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
+
     @router.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)

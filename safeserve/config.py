@@ -123,6 +123,10 @@ def _load_one(
         return None
 
 
+# what served_by says of an answer that no fallback gave (records, headers, metrics)
+_RESERVED = {"primary": "the guarded model", "none": "a call nothing answered"}
+
+
 def _check_body(body: Any, allowed_modules: Sequence[str] | None) -> Problems:
     """Checks across fields: unique fallback names, rule features that the schema knows."""
     if not isinstance(body, dict) or not isinstance(body.get("fallbacks"), list):
@@ -135,8 +139,8 @@ def _check_body(body: Any, allowed_modules: Sequence[str] | None) -> Problems:
             continue
         fb_name = entry.get("name")
         if isinstance(fb_name, str):
-            if fb_name == "primary":
-                why = "'primary' names the guarded model: pick another name"
+            if fb_name in _RESERVED:
+                why = f"{fb_name!r} names {_RESERVED[fb_name]}: pick another name"
                 out.append((("fallbacks", i, "name"), why))
             elif fb_name in first:
                 where = f"fallbacks[{first[fb_name]}]"

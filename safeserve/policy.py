@@ -306,6 +306,8 @@ class Policy(_Config):
             raise ValueError(f"fallback names must be unique: {', '.join(dupes)}")
         if "primary" in names:
             raise ValueError("'primary' is reserved for the guarded model")
+        if "none" in names:  # served_by "none": nothing answered (records, headers, metrics)
+            raise ValueError("'none' is reserved for calls nothing answered")
         return fallbacks
 
     @model_validator(mode="after")

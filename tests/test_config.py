@@ -307,6 +307,11 @@ PROBLEMS = {
         "policies.fraud.fallbacks[0].name: "
         "'primary' names the guarded model: pick another name (line 4)",
     ),
+    "fallback_named_none": (  # else its answers and the unanswered calls share a metric series
+        MINIMAL.format(extra="fallbacks: [{name: none, static: 1}]"),
+        "policies.fraud.fallbacks[0].name: "
+        "'none' names a call nothing answered: pick another name (line 4)",
+    ),
     "two_kinds": (
         MINIMAL.format(extra="fallbacks:\n      - {name: a, static: 1, cache: {}}"),
         "policies.fraud.fallbacks[0]: give exactly one of model, rules, cache, static "

@@ -402,3 +402,11 @@ def test_an_async_guards_sync_model_fallback_runs_off_the_event_loop() -> None:
     assert asyncio.run(main()) == -3
     assert len(threads) == 1
     assert threads[0] != threading.get_ident()
+
+
+@pytest.mark.parametrize("name", ["primary", "none"])
+def test_a_fallback_cannot_take_a_name_served_by_gives_others(name: str) -> None:
+    """`served_by` says "primary" of the model and "none" of a call nothing answered: a
+    fallback of either name would be counted and recorded as the other."""
+    with pytest.raises(ss.PolicyError, match=f"'{name}' is reserved"):
+        ss.Policy(name="reserved", fallbacks=[ss.Fallback.static(name, 1)])

@@ -920,6 +920,20 @@ class TestAdminRoutes:
         assert (r.status_code, entry["state"], entry["owner"]) == (503, "open", "new-oncall")
         assert guards[0].breaker.owner == "new-oncall"
 
+    def test_opening_a_metrics_only_breaker_is_refused_not_a_silent_no_op(self) -> None:
+        """A shadow breaker never blocks: `open` answers 409 and says so, rather than a 200
+        after which every call still reaches the model; close and reset still work."""
+        shadow = ss.guard(policy("shadow", breaker=ss.BreakerConfig(mode="metrics_only")))(
+            lambda x: 1
+        )
+        app = self.admin([shadow])
+        auth = {"headers": {"Authorization": f"Bearer {TOKEN}"}}
+        r = run(app, ("POST", "/safeserve/breakers/shadow/open", auth))[0]
+        assert (r.status_code, r.json()["error"]) == (409, "metrics_only")
+        assert (shadow.breaker.state, shadow({})) == ("metrics_only", 1)
+        r = run(app, ("POST", "/safeserve/breakers/shadow/reset", auth))[0]
+        assert (r.status_code, r.json()["states"]) == (200, ["metrics_only"])
+
     @pytest.mark.parametrize("configured", ["", "  ", "\n"])
     def test_an_empty_token_is_no_token(self, guards: list[ss.Guarded], configured: str) -> None:
         """A token variable set but empty refuses breaker control (403), never opens it to an

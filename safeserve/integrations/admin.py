@@ -227,6 +227,7 @@ def admin_router(
             401: _described("no bearer token sent"),
             403: _described("the wrong token, or none configured"),
             404: _described("no such guard or action"),
+            409: _described("open asked of a metrics_only breaker, which never blocks"),
         },
     )
     async def breaker_action(
@@ -242,6 +243,10 @@ def admin_router(
         targets = [g for g in chosen() if g.name == name]
         if not targets:
             return JSONResponse({"error": "unknown guard"}, 404)
+        if action == "open" and any(g.breaker.state == METRICS_ONLY for g in targets):
+            # a shadow breaker would only log the open and go on letting every call through
+            detail = "a metrics_only breaker never blocks: its mode must be normal to open it"
+            return JSONResponse({"error": "metrics_only", "detail": detail}, 409)
         for g in targets:
             getattr(g, action)()
         return JSONResponse(

@@ -25,7 +25,7 @@ from typing import Any
 
 from safeserve import context, registry
 from safeserve.breaker import Breaker, BreakerEvent
-from safeserve.confidence import OutputCheck, first_non_finite
+from safeserve.confidence import first_non_finite
 from safeserve.context import HEALTHY as _HEALTHY
 from safeserve.context import current_get as _noted
 from safeserve.deadlines import await_watched
@@ -191,10 +191,8 @@ class Guard(DegradationPath):
         `invalid_output`, as with an output schema; a fallback's counts as that fallback
         failing, and the next answers. Its message goes on the record: it should name types,
         not values. Kept over reloads."""
-        p = copy.copy(self._p)
-        p.answer_check = check
-        p.output_check = OutputCheck(p.output_schema, p.check_finite, check)
-        p.checks_output = True
+        p = copy.copy(self._p)  # swapped whole, as a reload swaps it
+        p.check_answers_with(check)
         self._p = p
 
     def bound_to(self, obj: Any) -> Guard:

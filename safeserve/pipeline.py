@@ -107,12 +107,7 @@ class Pipeline:
         self.output_schema = val.output_schema if val is not None else None
         self.check_finite = policy.check_finite
         # a check of every answer the guard's user set (`Guard.check_answers`), kept over a reload
-        self.answer_check: Callable[[Any], object] | None = (
-            previous.answer_check if previous is not None else None
-        )
-        self.output_check = OutputCheck(self.output_schema, policy.check_finite, self.answer_check)
-        # whether a finite answer is still checked (the schema, the user's check)
-        self.checks_output = self.output_schema is not None or self.answer_check is not None
+        self.check_answers_with(previous.answer_check if previous is not None else None)
         self.confidence = ConfidenceCheck(policy.confidence) if policy.confidence else None
         self.steps: list[FallbackStep] = build_steps(
             policy.fallbacks, policy.name, batch_primary=policy.batch
@@ -179,6 +174,14 @@ class Pipeline:
             or self.confidence is not None
             or self.output_schema is not None
         )
+
+    def check_answers_with(self, check: Callable[[Any], object] | None) -> None:
+        """Hold every answer to `check` too (`Guard.check_answers`), or to the policy's checks
+        alone (None)."""
+        self.answer_check = check
+        self.output_check = OutputCheck(self.output_schema, self.check_finite, check)
+        # whether a finite answer is still checked (the schema, the user's check)
+        self.checks_output = self.output_schema is not None or check is not None
 
     @staticmethod
     def _pool(policy: Policy, is_async: bool, previous: Pipeline | None) -> WorkerPool | None:

@@ -39,6 +39,26 @@ from safeserve.policy import Policy
 from safeserve.validation import Invalid
 
 
+def _tally(
+    healthy_count: itertools.count[int],
+    lock: threading.Lock,
+    served: dict[str, int],
+    reasons: dict[str, int],
+    counts: dict[str, int],
+) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """A guard's counts: served_by (healthy calls in), reasons, and the rest with "healthy"."""
+    healthy = int(repr(healthy_count)[6:-1])  # itertools.count: read without a lock
+    with lock:
+        served = dict(served)
+        reasons = dict(reasons)
+        counts = dict(counts)
+    healthy += counts.pop("healthy_in_batches")
+    if healthy:
+        served["primary"] = served.get("primary", 0) + healthy
+    counts["healthy"] = healthy
+    return served, reasons, counts
+
+
 class Guard(DegradationPath):
     """A guarded sync function: call it for the answer, `.call()` for the `Outcome`."""
 
@@ -70,6 +90,11 @@ class Guard(DegradationPath):
         self._counts["dropped_records"] = 0
         self._counts["healthy_in_batches"] = 0  # healthy batch rows, counted in one step
         self.ok_latency_s = 0.0  # running mean of healthy primary latency, for retry planning
+        # its counters (shared with its twins, `with_stages`), read without the guard
+        tally = functools.partial(
+            _tally, self._healthy_count, self._lock, self._served, self._reasons, self._counts
+        )
+        self.remains = registry.Remains(self.name, tally)
         registry.register(self)
         if self.endpoint_callable:
             context.armed = True
@@ -83,6 +108,8 @@ class Guard(DegradationPath):
         if p.hist is None:
             p.hist = Histograms()
             p.timed = True
+            if self.remains.histograms is None:  # a twin's pipeline may not have the guard's
+                self.remains.histograms = p.hist
         return p.hist
 
     @property
@@ -310,19 +337,12 @@ class Guard(DegradationPath):
     # -- introspection -----------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """Counts since the guard was created: calls, served_by, reasons and the rest."""
-        healthy = int(repr(self._healthy_count)[6:-1])  # itertools.count: read without a lock
-        with self._lock:
-            served = dict(self._served)
-            reasons = dict(self._reasons)
-            counts = dict(self._counts)
-        healthy += counts.pop("healthy_in_batches")
-        if healthy:
-            served["primary"] = served.get("primary", 0) + healthy
+        served, reasons, counts = self.remains.tally()
         pool = self._p.pool
         writer = self._p.writer
         counts["log_write_failures"] = writer.failed if writer is not None else 0  # per sink
         out: dict[str, Any] = {
-            "calls": healthy + counts["degraded"] + counts["rejected"],
+            "calls": counts.pop("healthy") + counts["degraded"] + counts["rejected"],
             "served_by": served,
             "reasons": reasons,
             **counts,

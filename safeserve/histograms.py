@@ -44,6 +44,12 @@ class Histogram:
         self.fold()
         return self._total
 
+    def merge(self, other: Histogram) -> None:
+        """Adds another histogram's counts and sum (of the same bounds)."""
+        for i, n in enumerate(other.counts):
+            self._counts[i] += n
+        self._total += other.total
+
     def fold(self) -> None:
         """Adds the values in `pending`: a dozen steps for any number of them. Once it returns,
         every value appended before it was called is in (another thread's fold included)."""

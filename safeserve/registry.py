@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
+
+from safeserve.histograms import Histograms
 
 if TYPE_CHECKING:
     from safeserve.guard import Guard
@@ -19,11 +22,84 @@ testing_mode = False
 histograms_everywhere = False
 
 
+class Remains:
+    """What outlives a guard: its name, a reader of its counts (`Guard.stats`'s served_by,
+    reasons and the rest, healthy calls in) and its histograms once kept."""
+
+    __slots__ = ("histograms", "name", "tally")
+
+    def __init__(
+        self, name: str, tally: Callable[[], tuple[dict[str, int], dict[str, int], dict[str, int]]]
+    ) -> None:
+        self.name = name
+        self.tally = tally
+        self.histograms: Histograms | None = None
+
+
+class Retired:
+    """The counts of the guards of one name that are gone: a metrics route exporting every
+    guard adds them, so that its counters never go down (Prometheus reads a drop as a restart,
+    and the next rate as all the calls since the start)."""
+
+    __slots__ = ("dropped", "histograms", "reasons", "served", "unanswered")
+
+    def __init__(self) -> None:
+        self.served: Counter[str] = Counter()
+        self.reasons: Counter[str] = Counter()
+        self.unanswered = 0  # failed or rejected: served by none
+        self.dropped = 0
+        self.histograms = Histograms()
+
+    def add(self, served: dict[str, int], reasons: dict[str, int], counts: dict[str, int]) -> None:
+        self.served.update(served)
+        self.reasons.update(reasons)
+        self.unanswered += counts["failed"] + counts["rejected"]
+        self.dropped += counts["dropped_records"]
+
+    def add_histograms(self, histograms: Histograms) -> None:
+        self.histograms.latency.merge(histograms.latency)
+        self.histograms.confidence.merge(histograms.confidence)
+
+    def copy(self) -> Retired:
+        copied = Retired()
+        copied.served.update(self.served)
+        copied.reasons.update(self.reasons)
+        copied.unanswered, copied.dropped = self.unanswered, self.dropped
+        copied.add_histograms(self.histograms)
+        return copied
+
+
+# Once a router exports every guard, a guard's remains are queued when it is collected (a
+# finalizer may run inside any allocation, so it only appends), and added up when read
+_gone: deque[Remains] = deque()
+_retired: dict[str, Retired] = {}
+_retired_lock = threading.Lock()
+
+
 def register(guard: Guard) -> None:
-    """Track a new guard and apply any drill already running."""
+    """Track a new guard and apply any drill already running; its counts are kept when it
+    is gone (`retired`)."""
     with _lock:
         _guards.add(guard)
         guard.forced = _forced_for(guard.name)
+    weakref.finalize(guard, _retire, guard.remains).atexit = False
+
+
+def _retire(remains: Remains) -> None:
+    if histograms_everywhere:
+        _gone.append(remains)
+
+
+def retired() -> dict[str, Retired]:
+    """The counts of guards that are gone, by name (since the process started)."""
+    with _retired_lock:
+        while _gone:
+            remains = _gone.popleft()
+            gone = _retired.setdefault(remains.name, Retired())
+            gone.add(*remains.tally())
+            if remains.histograms is not None:
+                gone.add_histograms(remains.histograms)
+        return {name: gone.copy() for name, gone in _retired.items()}
 
 
 def collect_histograms_everywhere() -> None:

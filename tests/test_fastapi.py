@@ -837,6 +837,40 @@ class TestAdminRoutes:
         assert 'safeserve_call_duration_seconds_count{policy="before"} 1.0' in text
         assert 'safeserve_call_duration_seconds_count{policy="later"} 2.0' in text
 
+    def test_counters_of_all_guards_do_not_go_down_when_a_guard_is_gone(self) -> None:
+        """A guard that is garbage collected keeps its counts in a router exporting every
+        guard: Prometheus reads a counter that goes down as a restart, and its next rate as
+        every call since the start."""
+        app = FastAPI()
+        app.include_router(admin_router(token=TOKEN))
+        name = f"gone-{id(app)}"
+
+        def made() -> ss.Guarded:
+            return ss.guard(name=name, fallbacks=[ss.Fallback.static("s", 0)])(lambda x: 1 / x)
+
+        def scraped() -> list[str]:
+            text = run(app, ("GET", "/safeserve/metrics", {}))[0].text
+            return sorted(line for line in text.splitlines() if f'"{name}"' in line)
+
+        first, second = made(), made()
+        first(1), first(0), second(1)
+        before = scraped()
+        assert f'safeserve_calls_total{{policy="{name}",served_by="primary"}} 2.0' in before
+        assert f'safeserve_call_duration_seconds_count{{policy="{name}"}} 3.0' in before
+        del first
+        gc.collect()
+        assert scraped() == before
+        second(0)
+        after = scraped()
+        assert f'safeserve_calls_total{{policy="{name}",served_by="s"}} 2.0' in after
+        assert f'safeserve_degradations_total{{policy="{name}",reason="error"}} 2.0' in after
+        assert f'safeserve_call_duration_seconds_count{{policy="{name}"}} 4.0' in after
+        del second
+        gc.collect()  # the name's series stay, its breaker state goes with its last guard
+        assert [s for s in scraped() if "breaker_state" not in s] == [
+            s for s in after if "breaker_state" not in s
+        ]
+
     def test_metrics_count_records_the_sink_refused(self) -> None:
         """A sink shared by two guards that refuses records is one counter, labelled by sink."""
 

@@ -69,10 +69,12 @@ class _Collector(Collector):
     """Prometheus metrics read from the guards' own counters at scrape time (no hot-path cost).
 
     Guards sharing a name are summed under one `policy` label (an open breaker wins the state).
+    Exporting every guard, it adds those of guards that are gone (`registry.retired`).
     """
 
-    def __init__(self, guards: Callable[[], list[Guard]]) -> None:
+    def __init__(self, guards: Callable[[], list[Guard]], every_guard: bool) -> None:
         self.guards = guards
+        self.every_guard = every_guard
 
     def collect(self) -> Iterator[Metric]:
         counts: dict[str, Counter[tuple[str, ...]]] = {name: Counter() for name in _COUNTERS}
@@ -95,6 +97,17 @@ class _Collector(Collector):
                 latency.setdefault(g.name, []).append(h.latency)
                 if g.policy.confidence is not None:
                     confidence.setdefault(g.name, []).append(h.confidence)
+        for name, gone in (registry.retired() if self.every_guard else {}).items():
+            counts["calls"].update({(name, k): n for k, n in gone.served.items()})
+            counts["calls"][name, "none"] += gone.unanswered
+            counts["degradations"].update({(name, k): n for k, n in gone.reasons.items()})
+            counts["log_dropped_records"][(name,)] += gone.dropped
+            for kept, retired in (
+                (latency, gone.histograms.latency),
+                (confidence, gone.histograms.confidence),
+            ):
+                if name in kept or any(retired.counts):
+                    kept.setdefault(name, []).append(retired)
         for name, (documentation, labels) in _COUNTERS.items():
             counter = CounterMetricFamily(f"safeserve_{name}", documentation, labels=labels)
             for values, n in counts[name].items():
@@ -186,7 +199,7 @@ def admin_router(
 
     recent = _RecentRate()
     metrics = CollectorRegistry(auto_describe=False)  # one per router: re-creation is fine
-    metrics.register(_Collector(chosen))
+    metrics.register(_Collector(chosen, every_guard=fixed is None))
     router = APIRouter(prefix=prefix, tags=["safeserve"])
 
     @router.get("/health", responses={503: _described("a guard's breaker is open")})

@@ -83,6 +83,9 @@ def register(guard: Guard) -> None:
         _guards.add(guard)
         guard.forced = _forced_for(guard.name)
     weakref.finalize(guard, _retire, guard.remains).atexit = False
+    if len(_gone) >= 64:  # guards made and dropped in a loop, with no scrape to add them up
+        with _retired_lock:
+            _add_up_gone()
 
 
 def _retire(remains: Remains) -> None:
@@ -90,15 +93,19 @@ def _retire(remains: Remains) -> None:
         _gone.append(remains)
 
 
+def _add_up_gone() -> None:
+    while _gone:
+        remains = _gone.popleft()
+        gone = _retired.setdefault(remains.name, Retired())
+        gone.add(*remains.tally())
+        if remains.histograms is not None:
+            gone.add_histograms(remains.histograms)
+
+
 def retired() -> dict[str, Retired]:
     """The counts of guards that are gone, by name (since the process started)."""
     with _retired_lock:
-        while _gone:
-            remains = _gone.popleft()
-            gone = _retired.setdefault(remains.name, Retired())
-            gone.add(*remains.tally())
-            if remains.histograms is not None:
-                gone.add_histograms(remains.histograms)
+        _add_up_gone()
         return {name: gone.copy() for name, gone in _retired.items()}
 
 

@@ -10,6 +10,7 @@ import inspect
 import json
 import sys
 import time
+import uuid
 import weakref
 from collections.abc import MutableMapping
 from concurrent.futures import ThreadPoolExecutor
@@ -843,7 +844,7 @@ class TestAdminRoutes:
         every call since the start."""
         app = FastAPI()
         app.include_router(admin_router(token=TOKEN))
-        name = f"gone-{id(app)}"
+        name = f"gone-{uuid.uuid4()}"
 
         def made() -> ss.Guarded:
             return ss.guard(name=name, fallbacks=[ss.Fallback.static("s", 0)])(lambda x: 1 / x)
@@ -870,6 +871,48 @@ class TestAdminRoutes:
         assert [s for s in scraped() if "breaker_state" not in s] == [
             s for s in after if "breaker_state" not in s
         ]
+
+    def test_a_guard_collected_during_a_scrape_is_counted_once(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A dropped guard lives until the cyclic GC frees it: a scrape that counted it live
+        does not count it again as gone when the GC runs mid-scrape (the next scrape would
+        then go down)."""
+        app = FastAPI()
+        app.include_router(admin_router(token=TOKEN))
+        name = f"mid-scrape-{uuid.uuid4()}"
+        adding_up = registry.retired
+
+        def collected_first() -> dict[str, registry.Retired]:
+            gc.collect()  # as any allocation of the scrape's may
+            return adding_up()
+
+        monkeypatch.setattr(registry, "retired", collected_first)
+        line = f'safeserve_calls_total{{policy="{name}",served_by="primary"}} 3.0'
+        gc.disable()
+        try:
+            for _ in range(3):
+                ss.guard(name=name)(lambda x: x)(1)  # dropped, but held by its own cycles
+            first = run(app, ("GET", "/safeserve/metrics", {}))[0].text
+        finally:
+            gc.enable()
+        second = run(app, ("GET", "/safeserve/metrics", {}))[0].text
+        assert line in first
+        assert line in second
+
+    def test_guards_gone_without_a_scrape_are_added_up_as_they_go(self) -> None:
+        """Guards made and dropped in a loop, with no scrape to add up their counts, do not
+        pile up (each kept its counters and histograms until then)."""
+        app = FastAPI()
+        app.include_router(admin_router(token=TOKEN))
+        name = f"loop-{uuid.uuid4()}"
+        for _ in range(500):
+            ss.guard(name=name)(lambda x: x)(1)
+            gc.collect(0)
+        gc.collect()
+        assert len(registry._gone) < 100
+        text = run(app, ("GET", "/safeserve/metrics", {}))[0].text
+        assert f'safeserve_calls_total{{policy="{name}",served_by="primary"}} 500.0' in text
 
     def test_metrics_count_records_the_sink_refused(self) -> None:
         """A sink shared by two guards that refuses records is one counter, labelled by sink."""
@@ -913,12 +956,16 @@ class TestAdminRoutes:
             for _ in range(calls):
                 assert g(1) == 0
         ss.flush_logs()
-        text = run(self.admin(guards), ("GET", "/safeserve/metrics", {}))[0].text
+        app = self.admin(guards)
+        text = run(app, ("GET", "/safeserve/metrics", {}))[0].text
         names = {g.policy_writer().name for g in guards}  # type: ignore[union-attr]
         [name] = names
-        assert f'safeserve_log_write_failures_total{{sink="{name}"}} 5.0' in text
+        line = f'safeserve_log_write_failures_total{{sink="{name}"}} 5.0'
+        assert line in text
         for g in guards:
             g.reload(g.policy.model_copy(update={"log": None}))
+        # no guard writes there now: the counter stays (a drop is a restart to Prometheus)
+        assert line in run(app, ("GET", "/safeserve/metrics", {}))[0].text
 
     def test_a_guarded_method_and_a_guard_listed_twice_are_its_guard_once(self) -> None:
         """`admin_router([svc.predict])`: health answers (a bound method was a 500 on every

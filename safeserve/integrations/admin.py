@@ -30,6 +30,7 @@ from safeserve import registry
 from safeserve.breaker import DISABLED, FORCED_OPEN, HALF_OPEN, METRICS_ONLY, OPEN
 from safeserve.guard import Guard, _Bound
 from safeserve.histograms import CONFIDENCE_BUCKETS, LATENCY_BUCKETS, Histogram
+from safeserve.logwriter import LogWriter
 
 _COUNTERS = {
     "calls": ("Guarded calls by how they were served", ["policy", "served_by"]),
@@ -75,16 +76,25 @@ class _Collector(Collector):
     def __init__(self, guards: Callable[[], list[Guard]], every_guard: bool) -> None:
         self.guards = guards
         self.every_guard = every_guard
+        # every writer a scrape has seen (one per sink, for the process's life: `writer_for`),
+        # so that a sink's failures stay counted once no guard writes there
+        self.writers: dict[int, LogWriter] = {}
 
     def collect(self) -> Iterator[Metric]:
         counts: dict[str, Counter[tuple[str, ...]]] = {name: Counter() for name in _COUNTERS}
         states: dict[str, str] = {}
         latency: dict[str, list[Histogram]] = {}
         confidence: dict[str, list[Histogram]] = {}
-        writers = {id(w): w for g in self.guards() if (w := g.policy_writer()) is not None}
-        for w in writers.values():  # a sink shared by guards is counted once
+        # held until the counts of guards gone are read: a guard collected in between would be
+        # counted both as live and as gone
+        guards = self.guards()
+        for g in guards:
+            w = g.policy_writer()
+            if w is not None:
+                self.writers.setdefault(id(w), w)
+        for w in list(self.writers.values()):  # a sink shared by guards is counted once
             counts["log_write_failures"][(w.name,)] += w.failed  # sinks may share a name
-        for g in self.guards():
+        for g in guards:
             stats = g.stats()
             counts["calls"].update({(g.name, str(k)): n for k, n in stats["served_by"].items()})
             counts["calls"][g.name, "none"] += stats["failed"] + stats["rejected"]  # unanswered
@@ -108,6 +118,7 @@ class _Collector(Collector):
             ):
                 if name in kept or any(retired.counts):
                     kept.setdefault(name, []).append(retired)
+        del guards
         for name, (documentation, labels) in _COUNTERS.items():
             counter = CounterMetricFamily(f"safeserve_{name}", documentation, labels=labels)
             for values, n in counts[name].items():

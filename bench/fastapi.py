@@ -3,20 +3,22 @@
 Each variant runs in its own uvicorn process on loopback (uvloop and httptools when installed).
 A lean load generator in this process (an asyncio Protocol per keep-alive connection, one
 request in flight on each) sends the same number of requests to every variant in many short
-rounds (1,000 requests each by default); the order of the variants alternates from round to
-round (ABC, CBA, ...) so that drift hits every variant alike. Each round gives a throughput,
-latency percentiles and the server's own CPU time per request (from /proc, so the load
-generator's cost is not in it). A variant's figures are those of its median round, compared
-with bare's median round; the brackets after a comparison hold its 90 % bootstrap interval
-(each side's rounds resampled), and a target (throughput >= 95 %, p99 at most +0.2 ms) is
-"met" or "missed" only when the whole interval says so.
+rounds (48 of 3,000 requests in the closed loop, of 1,000 at a fixed rate); the order of the
+variants alternates from round to round (ABC, CBA, ...) so that drift hits every variant alike.
+Each round gives a throughput, latency percentiles and the server's own CPU time per request
+(from /proc, so the load generator's cost is not in it). A variant's figures are those of its
+median round, compared with bare's median round; the brackets after a comparison hold its 90 %
+bootstrap interval (each side's rounds resampled), and a target (throughput >= 95 %, p99 at most
++0.2 ms) is "met" or "missed" only when the whole interval says so.
 
 Why short rounds and medians: on the 2-core VM this was written on, the noise is fast and
 nearly white. Bare's throughput moved by about 10 % from one quarter of a second to the next
 (lag-1 autocorrelation 0.2), so pairing a variant's round with bare's next to it cancels little;
 the median of many rounds does. Resampling that series, the ratio of two medians of 48 rounds
-spreads by 1.5 % (standard deviation), the median of 16 paired ratios by 3.9 %. The closed loop,
-the cheapest phase, gets 144 rounds; each fixed rate 48.
+spreads by 1.5 % (standard deviation), the median of 16 paired ratios by 3.9 %. The closed loop's
+rounds are longer: at a round's start the 32 connections start at once, and in rounds of 1,000
+one of them was often served last again and again, so that one round in two had a p99 several
+times the others' (not so in rounds of 3,000).
 
 The variants: bare; "headers only", a middleware that wraps `send` to add the two X-SafeServe
 headers and does nothing else (the floor for any middleware with the issue's headers);
@@ -44,8 +46,8 @@ server, no sockets): the middleware's own time per request, free of the network'
 scheduler's noise that dominates single rounds on a shared machine, and the number of Python
 bytecodes a request runs, which no load can move.
 
-    python bench/fastapi.py [--requests 144000] [--paced-requests 48000] [--round 1000]
-                            [--concurrency 32] [--load 0.25 0.5] [--quick]
+    python bench/fastapi.py [--rounds 48] [--round 3000] [--concurrency 32]
+                            [--load 0.25 0.5] [--quick]
 """
 
 import os
@@ -624,13 +626,10 @@ def verdict(met: bool, missed: bool) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=48, help="per variant and load")
     parser.add_argument(
-        "--requests", type=int, default=144000, help="closed loop: per variant, all rounds"
+        "--round", type=int, default=3000, help="requests in a closed-loop round (1/3 at a rate)"
     )
-    parser.add_argument(
-        "--paced-requests", type=int, default=48000, help="each fixed rate: per variant"
-    )
-    parser.add_argument("--round", type=int, default=1000, help="requests in a round")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument(
         "--load",
@@ -639,9 +638,7 @@ def main() -> None:
         default=[0.25, 0.5],
         help="fixed rates, as fractions of bare's closed-loop throughput",
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="24k requests closed loop, 12k at each rate"
-    )
+    parser.add_argument("--quick", action="store_true", help="12 rounds")
     parser.add_argument("--serve", choices=list(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -649,7 +646,7 @@ def main() -> None:
         serve(args.serve, args.port)
         return
     if args.quick:
-        args.requests, args.paced_requests = 24000, 12000
+        args.rounds = 12
     repeats = 10 if args.quick else 40
     inproc = in_process(repeats)
     codes = bytecodes()
@@ -667,16 +664,15 @@ def main() -> None:
     print()
     asyncio.set_event_loop(new_loop())
     servers = {v: start_server(v) for v in VARIANTS}
-    n, conc = args.round, args.concurrency
-    closed_rounds, paced_rounds = args.requests // n, args.paced_requests // n
+    n, conc, rounds = args.round, args.concurrency, args.rounds
     try:
-        closed = rounds_of(servers, closed_rounds, lambda port: load(port, n, conc))
+        closed = rounds_of(servers, rounds, lambda port: load(port, n, conc))
         fixed = {}
         for share in args.load:
             rate = share * median(closed["bare"], "rps")
             fixed[share] = (
                 rate,
-                rounds_of(servers, paced_rounds, lambda p, rate=rate: paced(p, n, rate, conc)),
+                rounds_of(servers, rounds, lambda p, rate=rate: paced(p, n // 3, rate, conc)),
             )
     finally:
         for proc, _ in servers.values():
@@ -685,8 +681,8 @@ def main() -> None:
         asyncio.get_event_loop().close()
     client = statistics.median(x["client_us"] for r in closed.values() for x in r)
     print(
-        f"Closed loop: {n * closed_rounds} requests per variant on {conc} connections, each "
-        f"sending its next request when answered; {closed_rounds} rounds in alternating order, "
+        f"Closed loop: {n * rounds} requests per variant on {conc} connections, each "
+        f"sending its next request when answered; {rounds} rounds in alternating order, "
         f"{os.cpu_count()} CPUs; each variant's median round, and in brackets the 90 % "
         f"interval the noise leaves; the load generator used {client:.1f} µs of CPU per request"
     )
@@ -702,7 +698,7 @@ def main() -> None:
         print(
             f"Fixed rate: {rate:.0f} req/s ({share:.0%} of bare's throughput; bare's server "
             f"{busy:.0%} busy) for every variant, at most {conc} requests in flight, "
-            f"{n * paced_rounds} requests per variant in {paced_rounds} rounds; a request that "
+            f"{n // 3 * rounds} requests per variant in {rounds} rounds; a request that "
             "waits for a free connection "
             "counts its wait"
         )

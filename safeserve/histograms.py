@@ -45,10 +45,12 @@ class Histogram:
         return self._total
 
     def merge(self, other: Histogram) -> None:
-        """Adds another histogram's counts and sum (of the same bounds)."""
-        for i, n in enumerate(other.counts):
-            self._counts[i] += n
-        self._total += other.total
+        """Adds another histogram's counts and sum (of the same bounds), as of one fold."""
+        with _folding:
+            other.fold()
+            for i, n in enumerate(other._counts):
+                self._counts[i] += n
+            self._total += other._total
 
     def fold(self) -> None:
         """Adds the values in `pending`: a dozen steps for any number of them. Once it returns,

@@ -24,7 +24,7 @@ histograms_everywhere = False
 
 class Remains:
     """What outlives a guard: its name, a reader of its counts (`Guard.stats`'s served_by,
-    reasons and the rest, healthy calls in) and its histograms once kept."""
+    reasons and the rest, healthy calls in) and its histograms once kept. Hashed by identity."""
 
     __slots__ = ("histograms", "name", "tally")
 
@@ -36,12 +36,11 @@ class Remains:
         self.histograms: Histograms | None = None
 
 
-class Retired:
-    """The counts of the guards of one name that are gone: a metrics route exporting every
-    guard adds them, so that its counters never go down (Prometheus reads a drop as a restart,
-    and the next rate as all the calls since the start)."""
+class Totals:
+    """The counts of the guards of one name, added up: served_by, reasons, the calls nothing
+    answered, the records dropped, and the histograms of those that kept them."""
 
-    __slots__ = ("dropped", "histograms", "reasons", "served", "unanswered")
+    __slots__ = ("dropped", "histogrammed", "histograms", "reasons", "served", "unanswered")
 
     def __init__(self) -> None:
         self.served: Counter[str] = Counter()
@@ -49,64 +48,71 @@ class Retired:
         self.unanswered = 0  # failed or rejected: served by none
         self.dropped = 0
         self.histograms = Histograms()
+        self.histogrammed = False  # whether any of the guards kept histograms
 
-    def add(self, served: dict[str, int], reasons: dict[str, int], counts: dict[str, int]) -> None:
+    def add(self, remains: Remains) -> None:
+        served, reasons, counts = remains.tally()
         self.served.update(served)
         self.reasons.update(reasons)
         self.unanswered += counts["failed"] + counts["rejected"]
         self.dropped += counts["dropped_records"]
+        if remains.histograms is not None:
+            self.add_histograms(remains.histograms)
 
     def add_histograms(self, histograms: Histograms) -> None:
         self.histograms.latency.merge(histograms.latency)
         self.histograms.confidence.merge(histograms.confidence)
+        self.histogrammed = True
 
-    def copy(self) -> Retired:
-        copied = Retired()
+    def copy(self) -> Totals:
+        copied = Totals()
         copied.served.update(self.served)
         copied.reasons.update(self.reasons)
         copied.unanswered, copied.dropped = self.unanswered, self.dropped
-        copied.add_histograms(self.histograms)
+        if self.histogrammed:
+            copied.add_histograms(self.histograms)
         return copied
 
 
-# Once a router exports every guard, a guard's remains are queued when it is collected (a
-# finalizer may run inside any allocation, so it only appends), and added up when read
+# Every guard's remains, until it is gone and they are added up into `_retired`: a total over
+# both is the same before and after a guard's death, however a scrape and the GC interleave
+# (the GC clears a batch of weak references first, then runs their finalizers one by one).
+# A finalizer may run inside any allocation, so it only appends to `_gone`.
+_remains: set[Remains] = set()
 _gone: deque[Remains] = deque()
-_retired: dict[str, Retired] = {}
+_retired: dict[str, Totals] = {}
 _retired_lock = threading.Lock()
 
 
 def register(guard: Guard) -> None:
-    """Track a new guard and apply any drill already running; its counts are kept when it
-    is gone (`retired`)."""
+    """Track a new guard and apply any drill already running; its counts stay in `totals`
+    once it is gone."""
     with _lock:
         _guards.add(guard)
         guard.forced = _forced_for(guard.name)
-    weakref.finalize(guard, _retire, guard.remains).atexit = False
-    if len(_gone) >= 64:  # guards made and dropped in a loop, with no scrape to add them up
-        with _retired_lock:
+    with _retired_lock:
+        _remains.add(guard.remains)
+        if len(_gone) >= 64:  # guards made and dropped in a loop, and no scrape adding them up
             _add_up_gone()
-
-
-def _retire(remains: Remains) -> None:
-    if histograms_everywhere:
-        _gone.append(remains)
+    weakref.finalize(guard, _gone.append, guard.remains).atexit = False
 
 
 def _add_up_gone() -> None:
     while _gone:
         remains = _gone.popleft()
-        gone = _retired.setdefault(remains.name, Retired())
-        gone.add(*remains.tally())
-        if remains.histograms is not None:
-            gone.add_histograms(remains.histograms)
+        _remains.discard(remains)
+        _retired.setdefault(remains.name, Totals()).add(remains)
 
 
-def retired() -> dict[str, Retired]:
-    """The counts of guards that are gone, by name (since the process started)."""
+def totals() -> dict[str, Totals]:
+    """The counts of every guard made since the process started, by name, those gone included:
+    a guard's death changes none of them."""
     with _retired_lock:
         _add_up_gone()
-        return {name: gone.copy() for name, gone in _retired.items()}
+        out = {name: gone.copy() for name, gone in _retired.items()}
+        for remains in list(_remains):
+            out.setdefault(remains.name, Totals()).add(remains)
+    return out
 
 
 def collect_histograms_everywhere() -> None:

@@ -881,13 +881,13 @@ class TestAdminRoutes:
         app = FastAPI()
         app.include_router(admin_router(token=TOKEN))
         name = f"mid-scrape-{uuid.uuid4()}"
-        adding_up = registry.retired
+        adding_up = registry.totals
 
-        def collected_first() -> dict[str, registry.Retired]:
+        def collected_first() -> dict[str, registry.Totals]:
             gc.collect()  # as any allocation of the scrape's may
             return adding_up()
 
-        monkeypatch.setattr(registry, "retired", collected_first)
+        monkeypatch.setattr(registry, "totals", collected_first)
         line = f'safeserve_calls_total{{policy="{name}",served_by="primary"}} 3.0'
         gc.disable()
         try:
@@ -899,6 +899,22 @@ class TestAdminRoutes:
         second = run(app, ("GET", "/safeserve/metrics", {}))[0].text
         assert line in first
         assert line in second
+
+    def test_a_guard_the_gc_is_freeing_is_still_counted(self) -> None:
+        """The GC clears a batch of weak references first, then runs their finalizers one by
+        one: a scrape in between sees the guard neither live nor gone, and must count it."""
+        app = FastAPI()
+        app.include_router(admin_router(token=TOKEN))
+        name = f"freeing-{uuid.uuid4()}"
+        g = ss.guard(name=name)(lambda x: x)
+        g(1), g(2)
+        line = f'safeserve_calls_total{{policy="{name}",served_by="primary"}} 2.0'
+        assert line in run(app, ("GET", "/safeserve/metrics", {}))[0].text
+        registry._guards.discard(g)  # its weak reference cleared, its finalizer not yet run
+        try:
+            assert line in run(app, ("GET", "/safeserve/metrics", {}))[0].text
+        finally:
+            registry._guards.add(g)
 
     def test_guards_gone_without_a_scrape_are_added_up_as_they_go(self) -> None:
         """Guards made and dropped in a loop, with no scrape to add up their counts, do not

@@ -70,7 +70,7 @@ class _Collector(Collector):
     """Prometheus metrics read from the guards' own counters at scrape time (no hot-path cost).
 
     Guards sharing a name are summed under one `policy` label (an open breaker wins the state).
-    Exporting every guard, it adds those of guards that are gone (`registry.retired`).
+    Exporting every guard, it counts those gone too (`registry.totals`).
     """
 
     def __init__(self, guards: Callable[[], list[Guard]], every_guard: bool) -> None:
@@ -85,40 +85,34 @@ class _Collector(Collector):
         states: dict[str, str] = {}
         latency: dict[str, list[Histogram]] = {}
         confidence: dict[str, list[Histogram]] = {}
-        # held until the counts of guards gone are read: a guard collected in between would be
-        # counted both as live and as gone
         guards = self.guards()
         for g in guards:
             w = g.policy_writer()
             if w is not None:
                 self.writers.setdefault(id(w), w)
+            if states.get(g.name) not in (OPEN, FORCED_OPEN):
+                states[g.name] = g.breaker.state
         for w in list(self.writers.values()):  # a sink shared by guards is counted once
             counts["log_write_failures"][(w.name,)] += w.failed  # sinks may share a name
-        for g in guards:
-            stats = g.stats()
-            counts["calls"].update({(g.name, str(k)): n for k, n in stats["served_by"].items()})
-            counts["calls"][g.name, "none"] += stats["failed"] + stats["rejected"]  # unanswered
-            counts["degradations"].update({(g.name, k): n for k, n in stats["reasons"].items()})
-            counts["log_dropped_records"][(g.name,)] += stats["dropped_records"]
-            if states.get(g.name) not in (OPEN, FORCED_OPEN):
-                states[g.name] = stats["breaker_state"]
-            h = g.histograms
-            if h is not None:
-                latency.setdefault(g.name, []).append(h.latency)
-                if g.policy.confidence is not None:
-                    confidence.setdefault(g.name, []).append(h.confidence)
-        for name, gone in (registry.retired() if self.every_guard else {}).items():
-            counts["calls"].update({(name, k): n for k, n in gone.served.items()})
-            counts["calls"][name, "none"] += gone.unanswered
-            counts["degradations"].update({(name, k): n for k, n in gone.reasons.items()})
-            counts["log_dropped_records"][(name,)] += gone.dropped
-            for kept, retired in (
-                (latency, gone.histograms.latency),
-                (confidence, gone.histograms.confidence),
-            ):
-                if name in kept or any(retired.counts):
-                    kept.setdefault(name, []).append(retired)
-        del guards
+        if self.every_guard:  # those of guards gone too, so that no total goes down
+            checked = {g.name for g in guards if g.policy.confidence is not None}
+            for name, t in registry.totals().items():
+                self.count(counts, name, t.served, t.reasons, t.unanswered, t.dropped)
+                if t.histogrammed:
+                    latency[name] = [t.histograms.latency]
+                    if name in checked or any(t.histograms.confidence.counts):
+                        confidence[name] = [t.histograms.confidence]
+        else:
+            for g in guards:
+                stats = g.stats()
+                unanswered = stats["failed"] + stats["rejected"]
+                served, reasons = stats["served_by"], stats["reasons"]
+                self.count(counts, g.name, served, reasons, unanswered, stats["dropped_records"])
+                h = g.histograms
+                if h is not None:
+                    latency.setdefault(g.name, []).append(h.latency)
+                    if g.policy.confidence is not None:
+                        confidence.setdefault(g.name, []).append(h.confidence)
         for name, (documentation, labels) in _COUNTERS.items():
             counter = CounterMetricFamily(f"safeserve_{name}", documentation, labels=labels)
             for values, n in counts[name].items():
@@ -143,6 +137,20 @@ class _Collector(Collector):
             CONFIDENCE_BUCKETS,
             confidence,
         )
+
+    @staticmethod
+    def count(
+        counts: dict[str, Counter[tuple[str, ...]]],
+        name: str,
+        served: dict[str, int],
+        reasons: dict[str, int],
+        unanswered: int,
+        dropped: int,
+    ) -> None:
+        counts["calls"].update({(name, str(k)): n for k, n in served.items()})
+        counts["calls"][name, "none"] += unanswered  # failed or rejected: nothing answered
+        counts["degradations"].update({(name, k): n for k, n in reasons.items()})
+        counts["log_dropped_records"][(name,)] += dropped
 
 
 def _histogram(

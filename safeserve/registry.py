@@ -74,23 +74,32 @@ class Totals:
         return copied
 
 
-# Every guard's remains, until it is gone and they are added up into `_retired`: a total over
-# both is the same before and after a guard's death, however a scrape and the GC interleave
-# (the GC clears a batch of weak references first, then runs their finalizers one by one).
-# A finalizer may run inside any allocation, so it only appends to `_gone`.
+# Once a router exports every guard (`histograms_everywhere`), every guard's remains, until it
+# is gone and they are added up into `_retired`: a total over both is the same before and after
+# a guard's death, however a scrape and the GC interleave (the GC clears a batch of weak
+# references first, then runs their finalizers one by one). A finalizer may run inside any
+# allocation, so it only appends to `_gone`; the lock is re-entrant, as a finalizer (a user's
+# `__del__`) may make a guard while this thread adds up.
 _remains: set[Remains] = set()
 _gone: deque[Remains] = deque()
 _retired: dict[str, Totals] = {}
-_retired_lock = threading.Lock()
+_retired_lock = threading.RLock()
 
 
 def register(guard: Guard) -> None:
-    """Track a new guard and apply any drill already running; its counts stay in `totals`
-    once it is gone."""
+    """Track a new guard and apply any drill already running."""
     with _lock:
         _guards.add(guard)
         guard.forced = _forced_for(guard.name)
+    if histograms_everywhere:
+        _keep_counts(guard)
+
+
+def _keep_counts(guard: Guard) -> None:
+    """From now on `totals` counts the guard, and keeps its counts once it is gone."""
     with _retired_lock:
+        if guard.remains in _remains:
+            return
         _remains.add(guard.remains)
         if len(_gone) >= 64:  # guards made and dropped in a loop, and no scrape adding them up
             _add_up_gone()
@@ -100,16 +109,16 @@ def register(guard: Guard) -> None:
 def _add_up_gone() -> None:
     while _gone:
         remains = _gone.popleft()
-        _remains.discard(remains)
         _retired.setdefault(remains.name, Totals()).add(remains)
+        _remains.discard(remains)
 
 
 def totals() -> dict[str, Totals]:
-    """The counts of every guard made since the process started, by name, those gone included:
-    a guard's death changes none of them."""
+    """The counts of every guard since a router started exporting every guard, by name, those
+    gone since included: a guard's death changes none of them."""
     with _retired_lock:
         _add_up_gone()
-        out = {name: gone.copy() for name, gone in _retired.items()}
+        out = {name: gone.copy() for name, gone in list(_retired.items())}
         for remains in list(_remains):
             out.setdefault(remains.name, Totals()).add(remains)
     return out
@@ -121,6 +130,7 @@ def collect_histograms_everywhere() -> None:
     histograms_everywhere = True
     for guard in live_guards():
         guard.collect_histograms()
+        _keep_counts(guard)
 
 
 def live_guards() -> list[Guard]:

@@ -916,6 +916,43 @@ class TestAdminRoutes:
         finally:
             registry._guards.add(g)
 
+    def test_without_a_router_for_all_guards_no_counts_are_kept_for_guards_gone(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Guards with names of their own (per tenant, per version), made and dropped in a
+        process that exports no router for all guards, leave nothing behind."""
+        monkeypatch.setattr(registry, "histograms_everywhere", False)
+        kept, retired = len(registry._remains), len(registry._retired)
+        for i in range(200):
+            ss.guard(name=f"tenant-{i}-{uuid.uuid4()}")(lambda x: x)(1)
+        gc.collect()
+        assert (len(registry._remains), len(registry._retired)) == (kept, retired)
+
+    def test_a_guard_made_while_counts_are_added_up_does_not_hang(self) -> None:
+        """A finalizer (a user's `__del__`) may make a guard inside any allocation, such as
+        one of a scrape's adding up: the scrape's lock is re-entrant."""
+        app = FastAPI()
+        app.include_router(admin_router(token=TOKEN))
+        g = ss.guard(name=f"reentrant-{uuid.uuid4()}")(lambda x: x)
+        g(1)
+
+        class MakesAGuard:
+            def __del__(self) -> None:
+                ss.guard(name="made-in-del")(lambda x: x)
+
+        tally = g.remains.tally
+
+        def collecting() -> Any:
+            holder = MakesAGuard()
+            holder.cycle = holder  # type: ignore[attr-defined]
+            del holder
+            gc.collect()  # as an allocation of the adding up may
+            return tally()
+
+        g.remains.tally = collecting
+        scrape = ThreadPoolExecutor(1).submit(run, app, ("GET", "/safeserve/metrics", {}))
+        assert scrape.result(timeout=10)[0].status_code == 200
+
     def test_guards_gone_without_a_scrape_are_added_up_as_they_go(self) -> None:
         """Guards made and dropped in a loop, with no scrape to add up their counts, do not
         pile up (each kept its counters and histograms until then)."""

@@ -198,7 +198,8 @@ def _distinct(guards: Iterable[Guard]) -> list[Guard]:
 def admin_router(
     guards: Iterable[Guard] | None = None, token: str | None = None, prefix: str = "/safeserve"
 ) -> APIRouter:
-    """Health, Prometheus metrics and breaker controls for `guards` (all live guards if None).
+    """Health, Prometheus metrics and breaker controls for `guards` (if None: every live guard,
+    and in the metrics the counts of guards gone since, so that no counter goes down).
 
     `POST {prefix}/breakers/{name}/{open|close|reset}` needs `Authorization: Bearer <token>`;
     without a configured token it always answers 403.

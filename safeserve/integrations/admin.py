@@ -83,8 +83,8 @@ class _Collector(Collector):
     def collect(self) -> Iterator[Metric]:
         counts: dict[str, Counter[tuple[str, ...]]] = {name: Counter() for name in _COUNTERS}
         states: dict[str, str] = {}
-        latency: dict[str, list[Histogram]] = {}
-        confidence: dict[str, list[Histogram]] = {}
+        latency: dict[str, Histogram] = {}
+        confidence: dict[str, Histogram] = {}
         guards = self.guards()
         for g in guards:
             w = g.policy_writer()
@@ -95,24 +95,21 @@ class _Collector(Collector):
         for w in list(self.writers.values()):  # a sink shared by guards is counted once
             counts["log_write_failures"][(w.name,)] += w.failed  # sinks may share a name
         if self.every_guard:  # those of guards gone too, so that no total goes down
-            checked = {g.name for g in guards if g.policy.confidence is not None}
-            for name, t in registry.totals().items():
-                self.count(counts, name, t.served, t.reasons, t.unanswered, t.dropped)
-                if t.histogrammed:
-                    latency[name] = [t.histograms.latency]
-                    if name in checked or any(t.histograms.confidence.counts):
-                        confidence[name] = [t.histograms.confidence]
+            by_name = registry.totals()
         else:
+            by_name = {}
             for g in guards:
-                stats = g.stats()
-                unanswered = stats["failed"] + stats["rejected"]
-                served, reasons = stats["served_by"], stats["reasons"]
-                self.count(counts, g.name, served, reasons, unanswered, stats["dropped_records"])
-                h = g.histograms
-                if h is not None:
-                    latency.setdefault(g.name, []).append(h.latency)
-                    if g.policy.confidence is not None:
-                        confidence.setdefault(g.name, []).append(h.confidence)
+                by_name.setdefault(g.name, registry.Totals()).add(g.remains)
+        checked = {g.name for g in guards if g.policy.confidence is not None}
+        for name, t in by_name.items():
+            counts["calls"].update({(name, str(k)): n for k, n in t.served.items()})
+            counts["calls"][name, "none"] += t.unanswered  # failed or rejected: nothing answered
+            counts["degradations"].update({(name, k): n for k, n in t.reasons.items()})
+            counts["log_dropped_records"][(name,)] += t.dropped
+            if t.histogrammed:
+                latency[name] = t.histograms.latency
+                if name in checked or any(t.histograms.confidence.counts):
+                    confidence[name] = t.histograms.confidence
         for name, (documentation, labels) in _COUNTERS.items():
             counter = CounterMetricFamily(f"safeserve_{name}", documentation, labels=labels)
             for values, n in counts[name].items():
@@ -138,33 +135,16 @@ class _Collector(Collector):
             confidence,
         )
 
-    @staticmethod
-    def count(
-        counts: dict[str, Counter[tuple[str, ...]]],
-        name: str,
-        served: dict[str, int],
-        reasons: dict[str, int],
-        unanswered: int,
-        dropped: int,
-    ) -> None:
-        counts["calls"].update({(name, str(k)): n for k, n in served.items()})
-        counts["calls"][name, "none"] += unanswered  # failed or rejected: nothing answered
-        counts["degradations"].update({(name, k): n for k, n in reasons.items()})
-        counts["log_dropped_records"][(name,)] += dropped
-
 
 def _histogram(
-    name: str, documentation: str, bounds: tuple[float, ...], by_policy: dict[str, list[Histogram]]
+    name: str, documentation: str, bounds: tuple[float, ...], by_policy: dict[str, Histogram]
 ) -> HistogramMetricFamily:
-    """Guards sharing a name summed under one `policy` label."""
+    """A histogram family, one series per policy (its guards already added up)."""
     family = HistogramMetricFamily(name, documentation, labels=["policy"])
     les = (*map(str, bounds), "+Inf")
-    for policy, histograms in by_policy.items():
-        counts = [sum(column) for column in zip(*(h.counts for h in histograms), strict=True)]
-        total = sum(h.total for h in histograms)
-        family.add_metric(
-            [policy], list(zip(les, itertools.accumulate(counts), strict=True)), total
-        )
+    for policy, h in by_policy.items():
+        buckets = list(zip(les, itertools.accumulate(h.counts), strict=True))
+        family.add_metric([policy], buckets, h.total)
     return family
 
 

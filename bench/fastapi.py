@@ -48,7 +48,7 @@ scheduler's noise that dominates single rounds on a shared machine, and the numb
 bytecodes a request runs, which no load can move.
 
     python bench/fastapi.py [--rounds 48] [--round 3000] [--concurrency 32]
-                            [--load 0.25 0.5] [--quick]
+                            [--load 0.25 0.5] [--variants guarded ...] [--quick]
 """
 
 import os
@@ -197,8 +197,8 @@ class InProcess:
     """The variants' apps called through ASGI in this process, with in-memory messages (no
     server, no sockets); each variant's process state (`context.armed`) set as in its server."""
 
-    def __init__(self) -> None:
-        self.apps = {v: build_app(v) for v in VARIANTS}
+    def __init__(self, variants: list[str]) -> None:
+        self.apps = {v: build_app(v) for v in variants}
         self.request = {"type": "http.request", "body": BODY, "more_body": False}
         self.scope = {
             "type": "http",
@@ -254,11 +254,11 @@ class InProcess:
         self.loop.close()
 
 
-def in_process(repeats: int, requests: int = 2000) -> dict[str, float]:
+def in_process(variants: list[str], repeats: int, requests: int = 2000) -> dict[str, float]:
     """µs per request with the app called directly: `repeats` runs of `requests` per variant,
     in a new random order each time; the lower quartile of the runs, which load elsewhere on
     the machine can only raise."""
-    calls = InProcess()
+    calls = InProcess(variants)
     order = list(calls.apps)
     shuffle = random.Random(0).shuffle
     try:
@@ -275,10 +275,10 @@ def in_process(repeats: int, requests: int = 2000) -> dict[str, float]:
     return {v: statistics.quantiles(t, n=4)[0] for v, t in times.items()}
 
 
-def bytecodes(requests: int = 100) -> dict[str, float]:
+def bytecodes(variants: list[str], requests: int = 100) -> dict[str, float]:
     """Python bytecodes run per request, by variant (after a warm-up that fills the breaker's
     window): a count the machine's load cannot move."""
-    calls = InProcess()
+    calls = InProcess(variants)
     counts: dict[str, float] = {}
     executed = 0
 
@@ -596,8 +596,8 @@ def report(results: dict[str, list[Round]], throughput: bool) -> None:
     """One line per variant (its median round), then how it compares with bare's median round,
     with the 90 % interval the noise leaves, and against the targets."""
     bare = results["bare"]
-    for v, what in VARIANTS.items():
-        r = results[v]
+    for v, r in results.items():
+        what = VARIANTS[v]
         line = f"{v:16} {median(r, 'rps'):7.0f} req/s" if throughput else f"{v:16}"
         line += (
             f"  p50 {median(r, 'p50'):6.3f} ms  p99 {median(r, 'p99'):6.3f} ms"
@@ -640,6 +640,13 @@ def main() -> None:
         help="fixed rates, as fractions of bare's closed-loop throughput",
     )
     parser.add_argument("--quick", action="store_true", help="12 rounds, 10 in-process runs")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=list(VARIANTS),
+        help="the variants to compare with bare (all); fewer leave time for more rounds",
+    )
     parser.add_argument("--serve", choices=list(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -651,8 +658,9 @@ def main() -> None:
     if args.round < 3 * args.concurrency:  # a connection with no request would never finish
         parser.error(f"--round must be at least 3 x --concurrency ({3 * args.concurrency})")
     repeats = 10 if args.quick else 40
-    inproc = in_process(repeats)
-    codes = bytecodes()
+    variants = [v for v in VARIANTS if v == "bare" or v in args.variants]
+    inproc = in_process(variants, repeats)
+    codes = bytecodes(variants)
     print(
         f"in process (ASGI calls, no server): µs per request, lower quartile of {repeats} runs; "
         "Python bytecodes run per request"
@@ -666,7 +674,7 @@ def main() -> None:
         print(line)
     print()
     asyncio.set_event_loop(new_loop())
-    servers = {v: start_server(v) for v in VARIANTS}
+    servers = {v: start_server(v) for v in variants}
     n, conc, rounds = args.round, args.concurrency, args.rounds
     try:
         closed = rounds_of(servers, rounds, lambda port: load(port, n, conc))

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,11 +24,13 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Tracer
 from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn_server import free_port
 
 import safeserve as ss
 from safeserve.config import file_json_schema
 from safeserve.fastapi import SafeServeMiddleware
 
+ROOT = Path(__file__).resolve().parent.parent
 CARD = "4000-0000-0000-0002"
 EMAIL = "someone@example.com"
 TRACED = ss.DecisionLogConfig(trace=True)
@@ -495,3 +500,130 @@ class TestServe:
         for leak in (CARD, SECRET, "RuntimeError"):
             assert leak not in text
         sys.modules.pop("traced_models", None)
+
+
+ROUTE_APP = f"""
+from fastapi import FastAPI
+
+import safeserve as ss
+from safeserve.fastapi import SafeServeMiddleware
+
+app = FastAPI()
+
+
+@app.post("/predict")
+async def predict(body: dict) -> dict:
+    if body.get("crash"):
+        raise RuntimeError({SECRET!r})
+    return {{"label": "approve"}}
+
+
+policy = ss.Policy(
+    name="route",
+    log=ss.DecisionLogConfig(trace=True),
+    fallbacks=[ss.Fallback.static("default", {{"label": "review"}})],
+)
+app.add_middleware(SafeServeMiddleware, routes={{"/predict": policy}})
+"""
+
+
+class TestOpenTelemetryInstrument:
+    """What most users run: `opentelemetry-instrument` (auto-instrumentation, with FastAPI's
+    instrumentor and the console exporter) around a real server. The server span of each
+    request carries its decision; neither the input nor the error reaches it."""
+
+    def served_spans(self, tmp_path: Path, command: list[str], url: str) -> list[dict[str, Any]]:
+        """Start `command` under opentelemetry-instrument, post a healthy and a crashing body,
+        and return the server spans (the console exporter's JSON) once both are exported."""
+        port = free_port()
+        out = tmp_path / "spans.txt"
+        instrument = "from opentelemetry.instrumentation.auto_instrumentation import run; run()"
+        args = [sys.executable, "-c", instrument, "--traces_exporter", "console"]
+        args += ["--metrics_exporter", "none", "--logs_exporter", "none"]
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
+            "OTEL_SERVICE_NAME": "safeserve-tests",
+            # a span is exported 50 ms after it ends: uvicorn re-raises SIGTERM once it has shut
+            # down, so the SDK's exit hook, which would flush the rest, never runs
+            "OTEL_BSP_SCHEDULE_DELAY": "50",
+        }
+        with out.open("wb") as stdout, tempfile.TemporaryFile() as stderr:
+            proc = subprocess.Popen(
+                [*args, sys.executable, "-m", *command, "--port", str(port)],
+                cwd=tmp_path,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+            )
+            try:
+                answers = post_when_up(proc, f"http://127.0.0.1:{port}{url}")
+                assert [r.json() for r in answers] == [{"label": "approve"}, {"label": "review"}]
+                deadline = time.monotonic() + 20
+                while len(spans := server_spans_in(out.read_text(), url)) < 2:
+                    assert time.monotonic() < deadline, out.read_text()[-2000:]
+                    time.sleep(0.1)
+            finally:
+                proc.terminate()
+                proc.wait(10)
+                stderr.seek(0)
+                log = stderr.read().decode(errors="replace")
+        assert "Traceback" not in log, log
+        return spans
+
+    def check(self, spans: list[dict[str, Any]], policy: str) -> None:
+        healthy, degraded = (span["attributes"] for span in spans)
+        marks = "safeserve.policy", "safeserve.served_by", "safeserve.degraded"
+        assert [healthy[k] for k in marks] == [policy, "primary", False]
+        assert [degraded[k] for k in marks] == [policy, "default", True]
+        assert degraded["safeserve.reasons"] == ["error"]
+        [event] = spans[1]["events"]
+        assert event["name"] == "safeserve.degraded"
+        text = json.dumps(spans)
+        for leak in (CARD, SECRET, "RuntimeError"):
+            assert leak not in text
+
+    def test_safeserve_serve(self, tmp_path: Path) -> None:
+        (tmp_path / "traced_models.py").write_text(
+            f"def score(x):\n    if x.get('crash'):\n        raise RuntimeError({SECRET!r})\n"
+            "    return {'label': 'approve'}\n"
+        )
+        (tmp_path / "policies.yaml").write_text(
+            "policies:\n  fraud:\n    model: traced_models:score\n    log: {trace: true}\n"
+            "    fallbacks:\n      - {name: default, static: {label: review}}\n"
+        )
+        command = ["safeserve.cli", "serve", "policies.yaml"]
+        self.check(self.served_spans(tmp_path, command, "/v1/models/fraud/predict"), "fraud")
+
+    def test_uvicorn_and_a_guarded_route(self, tmp_path: Path) -> None:
+        (tmp_path / "traced_app.py").write_text(ROUTE_APP)
+        command = ["uvicorn", "traced_app:app", "--no-access-log"]
+        self.check(self.served_spans(tmp_path, command, "/predict"), "route")
+
+
+def post_when_up(proc: subprocess.Popen[bytes], url: str) -> list[httpx.Response]:
+    """A healthy and a crashing prediction, once the server listens."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            healthy = httpx.post(url, json={"card": CARD})
+            break
+        except httpx.TransportError:
+            assert proc.poll() is None, "the server exited"
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.1)
+    return [healthy, httpx.post(url, json={"card": CARD, "crash": True})]
+
+
+def server_spans_in(text: str, url: str) -> list[dict[str, Any]]:
+    """The server spans of POST `url` among the console exporter's JSON objects, in order."""
+    decoder, found, at = json.JSONDecoder(), [], 0
+    while (at := text.find("{", at)) != -1:
+        try:
+            span, at = decoder.raw_decode(text, at)
+        except json.JSONDecodeError:  # the last one, half written
+            break
+        if span.get("name") == f"POST {url}" and span.get("kind") == "SpanKind.SERVER":
+            found.append(span)
+    return found

@@ -8,7 +8,9 @@ hold the values the decision log redacts).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -27,6 +29,20 @@ MAX_BATCH_EVENTS = 100  # a batch's span gets one event per degraded row, up to 
 OTEL_MISSING = (
     "log.trace: needs opentelemetry-api, which is not installed (pip install safeserve[otel])"
 )
+
+
+def flush_spans(timeout_s: float = 5.0) -> None:
+    """Export the spans the global tracer provider still holds, when OpenTelemetry is in use
+    (never importing it): for an ASGI app's shutdown, since uvicorn ends a SIGTERM by raising
+    the signal again, before the SDK's exit hook would export them. A provider that fails to
+    export keeps its own count of that; shutdown goes on."""
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is None:
+        return
+    flush = getattr(trace.get_tracer_provider(), "force_flush", None)
+    if flush is not None:
+        with contextlib.suppress(Exception):  # an exporter's failure must not stop shutdown
+            flush(int(timeout_s * 1000))
 
 
 class SpanAnnotator:

@@ -41,6 +41,7 @@ from safeserve.logwriter import flush_logs
 from safeserve.pipeline import Pipeline
 from safeserve.policy import Policy
 from safeserve.recording import loads_json
+from safeserve.tracing import flush_spans
 
 SERVED_BY = b"x-safeserve-served-by"
 DEGRADED = b"x-safeserve-degraded"
@@ -258,9 +259,9 @@ def _route_path(path: str, root_path: str) -> str:
 
 
 class FlushLogsAtShutdown:
-    """A pure ASGI middleware that only writes the queued decision records before the app's
-    lifespan shutdown completes, as `SafeServeMiddleware` does (for `safeserve serve`'s app,
-    which has no guarded route)."""
+    """A pure ASGI middleware that only writes the queued decision records and exports the
+    queued spans before the app's lifespan shutdown completes, as `SafeServeMiddleware` does
+    (for `safeserve serve`'s app, which has no guarded route)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -272,15 +273,21 @@ class FlushLogsAtShutdown:
 
 
 async def _lifespan(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
-    """The app's lifespan, with the queued decision records written before shutdown completes:
-    on SIGTERM uvicorn raises the signal again once shut down, before `atexit` handlers run."""
+    """The app's lifespan, with the queued decision records written and the queued spans
+    exported before shutdown completes: on SIGTERM uvicorn raises the signal again once shut
+    down, before `atexit` handlers run."""
 
     async def send_flushed(message: Message) -> None:
         if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-            await asyncio.to_thread(flush_logs)
+            await asyncio.to_thread(_flush_at_shutdown)
         await send(message)
 
     await app(scope, receive, send_flushed)
+
+
+def _flush_at_shutdown() -> None:
+    flush_logs()
+    flush_spans()
 
 
 async def _annotated(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:

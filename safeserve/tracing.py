@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import threading
 from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -33,16 +34,25 @@ OTEL_MISSING = (
 
 def flush_spans(timeout_s: float = 5.0) -> None:
     """Export the spans the global tracer provider still holds, when OpenTelemetry is in use
-    (never importing it): for an ASGI app's shutdown, since uvicorn ends a SIGTERM by raising
-    the signal again, before the SDK's exit hook would export them. A provider that fails to
-    export keeps its own count of that; shutdown goes on."""
+    (never importing it), waiting at most `timeout_s`: for an ASGI app's shutdown, since
+    uvicorn ends a SIGTERM by raising the signal again, before the SDK's exit hook would export
+    them. The export runs on a thread of its own: the SDK's `force_flush` does not keep to its
+    timeout (it exports every queued batch, each as slow as the collector), and a shutdown must
+    end within the orchestrator's grace period. An exporter's failure stops nothing."""
     trace = sys.modules.get("opentelemetry.trace")
     if trace is None:
         return
     flush = getattr(trace.get_tracer_provider(), "force_flush", None)
-    if flush is not None:
-        with contextlib.suppress(Exception):  # an exporter's failure must not stop shutdown
+    if flush is None:
+        return
+
+    def export() -> None:
+        with contextlib.suppress(Exception):
             flush(int(timeout_s * 1000))
+
+    exporting = threading.Thread(target=export, name="safeserve-span-flush", daemon=True)
+    exporting.start()
+    exporting.join(timeout_s)
 
 
 class SpanAnnotator:

@@ -377,7 +377,7 @@ class DegradationPath:
             self.breaker.state_of(permit),
             ms(perf_counter() - t0),
         )
-        self._emit(p, record, x, value, logged=logged)
+        self._emit(p, record, x, value, logged)  # a healthy record has no text to scrub
         if p.tracer is not None:
             p.tracer.record(record)
         return record
@@ -412,14 +412,26 @@ class DegradationPath:
             d.state,
             ms(latency),
         )
-        self._emit(p, record, d.x, value, logged)
+        self._emit(p, record, d.x, value, logged, d.kwargs)
         if p.tracer is not None:
             p.tracer.record(record)
         return record
 
-    def _emit(self, p: Pipeline, record: Record, x: Any, value: Any, logged: bool) -> Record:
-        # the input is always read for what the record's text must be scrubbed of
-        p.recorder.attach(record, x, value, p.include_inputs, p.include_outputs)
+    def _emit(
+        self,
+        p: Pipeline,
+        record: Record,
+        x: Any,
+        value: Any,
+        logged: bool,
+        kwargs: dict[str, Any] | None = None,
+    ) -> Record:
+        # the input is always read for what the record's text must be scrubbed of, and so are
+        # the other keyword arguments (`token=...`), which an error message may quote too
+        recorder = p.recorder
+        recorder.attach(record, x, value, p.include_inputs, p.include_outputs)
+        if kwargs and recorder.keys:
+            record.keep(recorder(kwargs))
         if not logged:
             return record
         self._ring.append(record)

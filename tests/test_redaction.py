@@ -304,6 +304,71 @@ class Tier(Enum):
     GOLD = "gold"
 
 
+class TestKeywordArguments:
+    """The wrapper keeps the function's signature, so `predict(x=...)` is a normal call: the
+    input passed by keyword is the input (validated, recorded, scrubbed) as when passed by
+    position, and other keyword arguments with a redacted name are scrubbed from errors too."""
+
+    def test_input_by_keyword_is_recorded_and_scrubbed(self, log_path: Path) -> None:
+        g = guard(bad_card, log_path)
+        by_keyword = g.call(x=TXN).decision
+        by_position = g.call(TXN).decision
+        hashed = by_keyword.inputs["email"]
+        assert by_keyword.inputs == {"amount": 12.5, "email": hashed}
+        expected = f"ValueError: bad card {REDACTED} for [hash:{hashed}]"
+        assert free_text(by_keyword) == [expected, expected]
+        assert (by_keyword.inputs, by_keyword.reasons) == (by_position.inputs, by_position.reasons)
+        assert_no_secret(log_path, by_keyword)
+
+    def test_input_by_keyword_of_a_method_and_an_async_guard(self, log_path: Path) -> None:
+        class Model:
+            @guard_method(log_path)
+            def predict(self, x: Any) -> Any:
+                return bad_card(x)
+
+        async def bad_card_async(x: Any) -> Any:
+            return bad_card(x)
+
+        method = Model().predict.call(x=TXN).decision
+        in_async = asyncio.run(guard(bad_card_async, log_path).call(x=TXN)).decision
+        for decision in (method, in_async):
+            assert decision.inputs is not None
+            assert decision.inputs["amount"] == 12.5
+            assert any(REDACTED in t for t in free_text(decision))
+        assert_no_secret(log_path, method, in_async)
+
+    def test_input_by_keyword_is_validated(self) -> None:
+        class Txn(BaseModel):
+            amount: float
+
+        def score(x: Txn) -> dict[str, Any]:
+            return {"amount": x.amount}
+
+        g = ss.guard(
+            name=f"keyword-validated-{time.monotonic_ns()}",
+            validation=ss.ValidationConfig(schema=Txn, on_invalid="reject"),
+        )(score)
+        assert g(x={"amount": "2.5"}) == {"amount": 2.5}
+        with pytest.raises(ss.InputRejected):
+            g(x={"amount": "lots"})
+
+    def test_other_keyword_arguments_with_a_redacted_name_are_scrubbed(
+        self, log_path: Path
+    ) -> None:
+        def uses_token(x: Any, token: str = "") -> Any:
+            raise PermissionError(f"token {token} refused for {x['amount']}")
+
+        g = guard(uses_token, log_path, redact=["card_number", "token"])
+        decision = g.call(TXN, token="tok_SECRET123").decision
+        assert free_text(decision)[0] == f"PermissionError: token {REDACTED} refused for 12.5"
+        assert_no_secret(log_path, decision, secrets=("tok_SECRET123", CARD))
+
+
+def guard_method(path: Path) -> Any:
+    """`guard` as a method decorator."""
+    return lambda fn: guard(fn, path)
+
+
 class TestInputShapes:
     @pytest.mark.parametrize(
         "x",

@@ -6,6 +6,7 @@ Every model is frozen and rejects unknown fields; a bad value raises `PolicyErro
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -51,6 +52,13 @@ class RetryConfig(_Config):
     min_retries_per_s: float = Field(default=10.0, ge=0)
 
 
+def masked_url(url: str) -> str:
+    """A store URL fit for a log or a repr: its password (`redis://user:PASSWORD@host`, or a
+    `password=` query parameter) replaced by `***`."""
+    url = re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
+    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
+
+
 class BreakerConfig(_Config):
     """Circuit breaker settings; the defaults are resilience4j's."""
 
@@ -75,6 +83,10 @@ class BreakerConfig(_Config):
     store_sync_s: float = Field(default=0.05, gt=0, le=5)
     on_state_change: list[Callable[..., Any]] = Field(default_factory=list)
     clock: Callable[[], float] = Field(default=time.monotonic, exclude=True)
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, masked_url(value) if name == "store" and value else value
 
     @field_validator("store")
     @classmethod
@@ -163,7 +175,7 @@ class DecisionLogConfig(_Config):
     include_outputs: bool = False
     redact: list[str] = Field(default_factory=list)
     hash: list[str] = Field(default_factory=list)
-    hash_salt: str | None = None
+    hash_salt: str | None = Field(default=None, repr=False)  # a secret: never in a repr
     queue_size: int = Field(default=10_000, ge=1)
     open_breaker: Literal["each", "aggregate"] = "each"
     ring_size: int = Field(default=1000, ge=1)

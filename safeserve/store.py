@@ -22,6 +22,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from safeserve.decisions import RawReason, new_id
+from safeserve.policy import masked_url
 
 if TYPE_CHECKING:
     from safeserve.breaker import Breaker
@@ -157,6 +158,7 @@ class RedisStore:
         from redis.retry import Retry
 
         self.url = url
+        self.shown = masked_url(url)  # for the log: no password
         self.sync_s = sync_s
         self.replica = new_id()
         self.keys = [f"{prefix}:{policy}:state", f"{prefix}:{policy}:replicas"]
@@ -266,7 +268,7 @@ class RedisStore:
                 continue
             if not self.connected:
                 self.connected = True
-                _log.warning("safeserve: breaker store %s reachable again", self.url)
+                _log.warning("safeserve: breaker store %s reachable again", self.shown)
             self._retry_s = self.sync_s
             del breaker
 
@@ -330,7 +332,7 @@ class RedisStore:
         self.outages += 1
         _log.warning(
             "safeserve: breaker store %s unreachable (%s); using local state",
-            self.url,
+            self.shown,
             type(exc).__name__,
         )
         breaker = self._breaker_ref()
@@ -355,5 +357,5 @@ def _text(value: Any) -> str:
 def open_store(url: str, prefix: str, policy: str, breaker: Breaker, sync_s: float) -> RedisStore:
     """The store a `BreakerConfig.store` URL names (only redis:// and rediss:// for now)."""
     if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError(f"unsupported breaker store {url!r}: use redis://host:port/db")
+        raise ValueError(f"unsupported breaker store {masked_url(url)!r}: use redis://host:port/db")
     return RedisStore(url, prefix, policy, breaker, sync_s)

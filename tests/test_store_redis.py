@@ -7,6 +7,7 @@ flushed for real, and the two-replica test runs a second Python process.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import textwrap
@@ -436,6 +437,25 @@ class TestOutage:
         stats = guard.stats()
         assert stats["store"]["connected"] is False
         assert stats["reasons"].get("store_unavailable") == 1
+
+    def test_the_store_password_never_reaches_the_log_or_a_repr(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A store URL with a password (from `${REDIS_PASSWORD}` in a policies file, say): the
+        outage warning and the policy's repr show `***` in its place."""
+        port = free_port()
+        url = f"redis://app:hunter2pass@127.0.0.1:{port}/0?password=hunter2pass"
+        with caplog.at_level(logging.WARNING, logger="safeserve.store"):
+            guard = shared_guard(url, unique(), Primary())
+            assert guard(INPUT) == ANSWER
+            assert eventually(lambda: "unreachable" in caplog.text)
+        shown = f"redis://app:***@127.0.0.1:{port}/0?password=***"
+        assert shown in caplog.text
+        assert shown in repr(guard.policy)
+        for text in (caplog.text, repr(guard.policy), str(guard.policy)):
+            assert "hunter2pass" not in text
+        salted = ss.DecisionLogConfig(hash_salt="pepper-hunter2pass")
+        assert "hunter2pass" not in repr(ss.Policy(name="salted", log=salted))
 
 
 def test_redis_server_is_installed() -> None:

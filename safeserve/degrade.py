@@ -305,7 +305,10 @@ class DegradationPath:
         record = self._record(d, value, served_by, t0, timed)
         note(served_by, not d.flagged)
         if served_by is None:
-            raise NoFallbackAvailable(record.decision())
+            # raised while the model's exception is handled: `from None` keeps that exception,
+            # whose message may quote the input, out of tracebacks and error trackers (the
+            # decision carries its type and scrubbed message; `__context__` still holds it)
+            raise NoFallbackAvailable(record.decision()) from None
         return Outcome(value, record) if want else value
 
     def _healthy(

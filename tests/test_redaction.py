@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import json
 import time
+import traceback
 from enum import Enum
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -302,6 +303,21 @@ class Opaque:
 
 class Tier(Enum):
     GOLD = "gold"
+
+
+class TestNoFallbackAvailable:
+    def test_its_traceback_does_not_show_the_model_error(self, log_path: Path) -> None:
+        """Nothing answered: the app that logs `NoFallbackAvailable` with its traceback (as
+        `logger.exception` or an error tracker does) shows the decision's scrubbed error, not
+        the model's exception quoting the card; code that wants it finds it on `__context__`."""
+        g = guard(bad_card, log_path, fallbacks=[])
+        with pytest.raises(ss.NoFallbackAvailable) as err:
+            g(TXN)
+        shown = "".join(traceback.format_exception(err.value))
+        assert "ValueError" not in shown
+        assert CARD not in shown
+        assert err.value.decision.reasons[0].detail.startswith(f"ValueError: bad card {REDACTED}")
+        assert isinstance(err.value.__context__, ValueError)
 
 
 class TestKeywordArguments:

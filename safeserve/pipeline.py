@@ -8,6 +8,7 @@ stages or wholly on the new ones.
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from collections.abc import Callable, Mapping
 from importlib.util import find_spec
@@ -246,13 +247,24 @@ def _writer(log: DecisionLogConfig | None) -> LogWriter | None:
         raise PolicyError([problem]) from None
 
 
+_URL_NAME = re.compile(r"(?!\.{1,2}\Z)[A-Za-z0-9._~-]+")  # unreserved in a URL path, not . or ..
+
+
 def build_problems(policies: Mapping[str, Policy]) -> list[str]:
     """What making a file's guards would refuse, found without making them (no sink opened,
-    no thread started), one `policies.NAME.PATH: message` line each: a baseline that cannot be
-    loaded, tracing without OpenTelemetry. `safeserve check` reports them, so that a file it
-    passes builds; `serve` reports them all before a guard stops at its first."""
+    no thread started), one `policies.NAME.PATH: message` line each: a served policy's name
+    unfit for a URL, a baseline that cannot be loaded, tracing without OpenTelemetry.
+    `safeserve check` reports them, so that a file it passes builds and serves; `serve`
+    reports them all before a guard stops at its first."""
     problems = []
     for name, policy in policies.items():
+        # `safeserve serve` makes a policy with a model a route: "{x}" would route every
+        # model, "a/b" could not be named by the breaker routes
+        if policy.model is not None and not _URL_NAME.fullmatch(name):
+            problems.append(
+                f"policies.{name}: a served policy's name is part of its URL: use letters, "
+                "digits and . _ ~ - only (not . or .. alone)"
+            )
         if policy.validation is not None:
             try:
                 _baseline(policy.validation.baseline)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import socket
 import sys
 from collections.abc import Mapping, Sequence
@@ -51,7 +50,6 @@ POLICIES_ENV = "SAFESERVE_POLICIES"
 TOKEN_ENV = "SAFESERVE_ADMIN_TOKEN"
 ALLOWED_ENV = "SAFESERVE_ALLOWED_MODULES"
 MAX_BODY_ENV = "SAFESERVE_MAX_BODY_BYTES"
-_URL_NAME = re.compile(r"(?!\.{1,2}\Z)[A-Za-z0-9._~-]+")  # unreserved in a URL path, not . or ..
 MAX_BODY_BYTES = 1 << 20  # one input row; a bigger body is refused before it is read in full
 
 
@@ -134,17 +132,8 @@ def build_app(
 
 def _guards_of(served: dict[str, Policy]) -> dict[str, Guard]:
     """The guard of each served policy, or one `PolicyError` with every problem on the way,
-    each on its policy's path: names that cannot be part of a URL, what `check` finds too
-    (`build_problems`), then what making a guard still refuses (a sink not writable)."""
-    unfit = [name for name in served if not _URL_NAME.fullmatch(name)]
-    if unfit:  # "{x}" would route every model, "a/b" could not be named by the breaker routes
-        raise PolicyError(
-            [
-                f"policies.{name}: a served policy's name is part of its URL: use letters, "
-                "digits and . _ ~ - only (not . or .. alone)"
-                for name in unfit
-            ]
-        )
+    each on its policy's path: what `check` finds too (`build_problems`: names that cannot be
+    part of a URL, ...), then what making a guard still refuses (a sink not writable)."""
     problems = build_problems(served)
     if problems:  # a guard stops at its first: say them all
         raise PolicyError(problems)

@@ -608,6 +608,28 @@ class TestCli:
         assert main(["serve", str(path), "--port", "0"]) == 1  # the same, from the same file
         assert capsys.readouterr().err.splitlines() == lines
 
+    def test_check_finds_a_served_name_unfit_for_a_url(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """`safeserve serve` makes a policy with a model a route named after it: a name that
+        cannot be part of its URL is a problem `check` reports too, so that a file CI passed
+        does not fail at deploy; a policy without a model may be named anyhow."""
+        model = "examples.fraud_models:predict_v3"
+        path = write(
+            tmp_path,
+            f"policies:\n  a/b:\n    model: {model}\n  'lib/only':\n    timeout_s: 1\n"
+            f"  ok.v-2_~:\n    model: {model}\n",
+        )
+        assert main(["check", str(path)]) == 1
+        out, err = capsys.readouterr()
+        assert out == ""
+        assert err.splitlines() == [
+            f"{path}: policies.a/b: a served policy's name is part of its URL: use letters, "
+            "digits and . _ ~ - only (not . or .. alone)"
+        ]
+        assert main(["serve", str(path), "--port", "0"]) == 1  # the same, from the same file
+        assert capsys.readouterr().err.splitlines() == err.splitlines()
+
     def test_check_allow_module_option(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:

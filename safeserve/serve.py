@@ -355,8 +355,14 @@ async def _request_invalid(request: Request, exc: Exception) -> JSONResponse:
     errors = exc.errors() if isinstance(exc, RequestValidationError) else []
     route = request.scope.get("route")
     names = _route_names(route) if isinstance(route, APIRoute) else frozenset()
-    body = [{**e, "loc": tuple(e["loc"])[1:]} if _in_body(e) else e for e in errors]
+    body = [{**e, "loc": _body_loc(e)} if _in_body(e) else e for e in errors]
     return _invalid_input(problems_of(body, names))
+
+
+def _body_loc(error: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Where in the body: the field's path, or the whole body ("$") for JSON that does not
+    parse, which FastAPI places at a character offset."""
+    return () if error.get("type") == "json_invalid" else tuple(error["loc"])[1:]
 
 
 def _in_body(error: Mapping[str, Any]) -> bool:

@@ -471,6 +471,25 @@ class TestInvalidInput:
         locs = ["path.shop", "query.limit", *(p["loc"] for p in STRICT_PROBLEMS)]
         assert [p["loc"] for p in assert_clean_422(r, "SECRET")] == locs
 
+    def test_malformed_json_is_a_problem_of_the_whole_body(self, policy_file: Any) -> None:
+        """JSON that does not parse is located at "$", as `safeserve serve` locates it, not at
+        the character offset FastAPI gives, on a plain route as on a served one."""
+        app = FastAPI()
+        install_error_handlers(app)
+
+        @app.post("/score")
+        def score(body: Strict) -> int:
+            return 1
+
+        served = build_app(policy_file("reject"))
+        broken = b'{"amount": 1, "country": '
+        json_type = {"content-type": "application/json"}
+        for r in (
+            request(app, "POST", "/score", content=broken, headers=json_type),
+            request(served, "POST", "/v1/models/bare/predict", content=broken, headers=json_type),
+        ):
+            assert [p["loc"] for p in assert_clean_422(r, "SECRET")] == ["$"]
+
     def test_a_model_error_never_reaches_the_body(self, policy_file: Any) -> None:
         app = build_app(policy_file("reject"))
         r = request(app, "POST", "/v1/models/bare/predict", json=TXN)

@@ -25,7 +25,7 @@ def _check(args: argparse.Namespace) -> int:
     from safeserve.config import describe, load_policies
     from safeserve.configfile import SUFFIXES
     from safeserve.errors import PolicyError
-    from safeserve.pipeline import build_problems
+    from safeserve.pipeline import build_problems, unservable_names
 
     # like uvicorn, import paths are resolved from the working directory (the project's root)
     if os.getcwd() not in sys.path:
@@ -52,6 +52,8 @@ def _check(args: argparse.Namespace) -> int:
             print("\n".join(f"{file}: {problem}" for problem in unbuildable), file=sys.stderr)
             code = max(code, 1)
             continue
+        for problem in unservable_names(policies):
+            print(f"{file}: warning: {problem} (safeserve serve refuses it)", file=sys.stderr)
         for policy in policies.values():
             print(f"{file}: {describe(policy)}")
     return code

@@ -351,7 +351,9 @@ class DegradationPath:
                 self._trace_healthy(p.tracer, permit, t0, conf)
             return value
         conf = p.confidence.extract(value) if p.confidence is not None else None
-        record = self._healthy_record(p, x, value, conf, permit, attempts, latency, t0, sampled)
+        record = self._healthy_record(
+            p, x, value, conf, permit, attempts, latency, t0, sampled, kwargs
+        )
         return Outcome(value, record) if want else value
 
     def _healthy_record(
@@ -365,6 +367,7 @@ class DegradationPath:
         latency: float,
         t0: float,
         logged: bool,
+        kwargs: dict[str, Any] | None = None,
     ) -> Record:
         """The record of a healthy call (sampled, or asked for), and its span annotated."""
         record = Record(
@@ -380,7 +383,7 @@ class DegradationPath:
             self.breaker.state_of(permit),
             ms(perf_counter() - t0),
         )
-        self._emit(p, record, x, value, logged)  # a healthy record has no text to scrub
+        self._emit(p, record, x, value, logged, kwargs)  # an answer may quote `token=...`
         if p.tracer is not None:
             p.tracer.record(record)
         return record
@@ -434,7 +437,7 @@ class DegradationPath:
         recorder = p.recorder
         recorder.attach(record, x, value, p.include_inputs, p.include_outputs)
         if kwargs and recorder.keys:
-            record.keep(recorder(kwargs))
+            record.keep(recorder.secrets_in(kwargs))
         if not logged:
             return record
         self._ring.append(record)

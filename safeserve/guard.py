@@ -59,21 +59,6 @@ def _tally(
     return served, reasons, counts
 
 
-def _leading_parameters(fn: Callable[..., Any]) -> tuple[str, ...]:
-    """The names of `fn`'s first two parameters that may be passed by position or keyword: the
-    input's name is the first, or the second for a method (after `self`)."""
-    try:
-        parameters = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # a callable without a signature: its input is positional
-        return ()
-    names: list[str] = []
-    for parameter in parameters:
-        if parameter.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD or len(names) == 2:
-            break
-        names.append(parameter.name)
-    return tuple(names)
-
-
 class Guard(DegradationPath):
     """A guarded sync function: call it for the answer, `.call()` for the `Outcome`."""
 
@@ -91,7 +76,6 @@ class Guard(DegradationPath):
         self.fn = fn
         self.name = policy.name
         self.is_async = inspect.iscoroutinefunction(fn)
-        self._input_names = _leading_parameters(fn)
         self.forced: str | None = None
         self._p = Pipeline(fn, policy, self.is_async, None)
         self.breaker = self._new_breaker(policy)
@@ -117,12 +101,13 @@ class Guard(DegradationPath):
         if registry.histograms_everywhere:
             self.collect_histograms()
 
+    @staticmethod
     def _keyword_input(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], offset: int
+        p: Pipeline, args: tuple[Any, ...], kwargs: dict[str, Any], offset: int
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """A call that passes its input by keyword (`predict(x=...)`) with it moved among the
         positional arguments, where validation, records and redaction look for it."""
-        names = self._input_names
+        names = p.input_names
         if offset < len(names) and names[offset] in kwargs:
             kwargs = dict(kwargs)
             args = (*args, kwargs.pop(names[offset]))
@@ -152,7 +137,7 @@ class Guard(DegradationPath):
         p = self._p
         offset = _ss_offset
         if kwargs and len(args) == offset:
-            args, kwargs = self._keyword_input(args, kwargs, offset)
+            args, kwargs = self._keyword_input(p, args, kwargs, offset)
         if self.forced is not None:
             return self._fallback_sync(self._drill(p, args, kwargs, offset), t0, _ss_want)
         notices: list[RawReason] | None = None
@@ -435,7 +420,7 @@ class AsyncGuard(Guard):
         p = self._p
         offset = _ss_offset
         if kwargs and len(args) == offset:
-            args, kwargs = self._keyword_input(args, kwargs, offset)
+            args, kwargs = self._keyword_input(p, args, kwargs, offset)
         if self.forced is not None:
             drill = self._drill(p, args, kwargs, offset)
             return await self._fallback_async(drill, t0, _ss_want)

@@ -8,6 +8,7 @@ stages or wholly on the new ones.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import re
 import threading
 from collections.abc import Callable, Mapping
@@ -53,6 +54,7 @@ class Pipeline:
         "include_inputs",
         "include_outputs",
         "inline_slot",
+        "input_names",
         "inspects_input",
         "max_wait_s",
         "open_aggregate",
@@ -81,6 +83,7 @@ class Pipeline:
         self, fn: Callable[..., Any], policy: Policy, is_async: bool, previous: Pipeline | None
     ) -> None:
         self.fn = fn
+        self.input_names = _leading_parameters(fn)  # for an input passed by keyword
         self.policy = policy
         val = policy.validation
         log = policy.log
@@ -250,21 +253,26 @@ def _writer(log: DecisionLogConfig | None) -> LogWriter | None:
 _URL_NAME = re.compile(r"(?!\.{1,2}\Z)[A-Za-z0-9._~-]+")  # unreserved in a URL path, not . or ..
 
 
+def unservable_names(policies: Mapping[str, Policy]) -> list[str]:
+    """The policies with a model whose name cannot be part of the URL `safeserve serve` routes
+    them on, one `policies.NAME: message` line each: "{x}" would route every model, "a/b"
+    could not be named by the breaker routes. `serve` refuses them; `check` warns (a guard
+    made in code may be named so)."""
+    return [
+        f"policies.{name}: a served policy's name is part of its URL: use letters, digits "
+        "and . _ ~ - only (not . or .. alone)"
+        for name, policy in policies.items()
+        if policy.model is not None and not _URL_NAME.fullmatch(name)
+    ]
+
+
 def build_problems(policies: Mapping[str, Policy]) -> list[str]:
     """What making a file's guards would refuse, found without making them (no sink opened,
-    no thread started), one `policies.NAME.PATH: message` line each: a served policy's name
-    unfit for a URL, a baseline that cannot be loaded, tracing without OpenTelemetry.
-    `safeserve check` reports them, so that a file it passes builds and serves; `serve`
-    reports them all before a guard stops at its first."""
+    no thread started), one `policies.NAME.PATH: message` line each: a baseline that cannot be
+    loaded, tracing without OpenTelemetry. `safeserve check` reports them, so that a file it
+    passes builds; `serve` reports them all before a guard stops at its first."""
     problems = []
     for name, policy in policies.items():
-        # `safeserve serve` makes a policy with a model a route: "{x}" would route every
-        # model, "a/b" could not be named by the breaker routes
-        if policy.model is not None and not _URL_NAME.fullmatch(name):
-            problems.append(
-                f"policies.{name}: a served policy's name is part of its URL: use letters, "
-                "digits and . _ ~ - only (not . or .. alone)"
-            )
         if policy.validation is not None:
             try:
                 _baseline(policy.validation.baseline)
@@ -273,6 +281,22 @@ def build_problems(policies: Mapping[str, Policy]) -> list[str]:
         if policy.log is not None and policy.log.trace and not _importable("opentelemetry.trace"):
             problems.append(f"policies.{name}.{OTEL_MISSING}")
     return problems
+
+
+def _leading_parameters(fn: Callable[..., Any]) -> tuple[str, ...]:
+    """The names of `fn`'s first two parameters that may be passed by position or keyword: the
+    input's name is the first, or the second for a method (after `self`). A decorator's own
+    signature, not the one it wraps: `def wrapper(**kw)` takes no input by position."""
+    try:
+        parameters = inspect.signature(fn, follow_wrapped=False).parameters.values()
+    except (TypeError, ValueError):  # a callable without a signature: its input is positional
+        return ()
+    names: list[str] = []
+    for parameter in parameters:
+        if parameter.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD or len(names) == 2:
+            break
+        names.append(parameter.name)
+    return tuple(names)
 
 
 def _importable(module: str) -> bool:

@@ -55,7 +55,7 @@ class RetryConfig(_Config):
 def masked_url(url: str) -> str:
     """A store URL fit for a log or a repr: its password (`redis://user:PASSWORD@host`, or a
     `password=` query parameter) replaced by `***`."""
-    url = re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
+    url = re.sub(r"^([^:/?#]+://[^:/?#@]*:)[^?#]*@", r"\1***@", url)  # to the last @
     return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", url)
 
 
@@ -98,8 +98,9 @@ class BreakerConfig(_Config):
             raise ValueError("a redis://host:port/db, rediss://... or unix://... URL")
         db = parts.path.strip("/") if parts.scheme != "unix" else ""
         if db and not db.isdigit():
-            raise ValueError(
-                f"the database in {parts.scheme}://host:port/db is a number, not {db!r}"
+            raise ValueError(  # not quoted: it may be the end of a password holding a "/"
+                f"the database in {parts.scheme}://host:port/db is a number (a / or @ in the "
+                "password is written %2F or %40)"
             )
         try:
             parts.port  # noqa: B018 (raises on a port that is not a number)

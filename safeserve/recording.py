@@ -8,6 +8,7 @@ asked for). Neither runs for a healthy call.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import hmac
@@ -124,7 +125,7 @@ class InputRecorder:
     plain objects recorded as dicts of their fields, lists element-wise; anything it cannot show
     field by field is recorded as `"<TypeName>"`, never as its repr."""
 
-    __slots__ = ("_hash", "_keys", "_redact", "_salt")
+    __slots__ = ("_hash", "_keys", "_redact", "_salt", "_scanner", "_scanning")
 
     def __init__(self, redact: list[str], hash_fields: list[str], salt: str | None) -> None:
         self._redact = frozenset(redact)
@@ -132,6 +133,19 @@ class InputRecorder:
         self._keys = self._redact | self._hash
         salt = salt or os.environ.get("SAFESERVE_HASH_SALT") or os.urandom(16).hex()
         self._salt = salt.encode()
+        self._scanning = False  # only collecting secrets: no numeric array converted
+        self._scanner: InputRecorder | None = None
+
+    def secrets_in(self, value: Any) -> Recorded:
+        """What the record's text must be scrubbed of in `value`, without the loggable form
+        (an input not logged, the call's other keyword arguments): a numeric array, which has
+        no field to redact, is passed over instead of converted (a second, not a millisecond,
+        for an embedding batch)."""
+        scanner = self._scanner
+        if scanner is None:
+            scanner = self._scanner = copy.copy(self)
+            scanner._scanning = True
+        return scanner(value)
 
     @property
     def keys(self) -> frozenset[str]:
@@ -152,11 +166,10 @@ class InputRecorder:
     def attach(self, record: Record, x: Any, value: Any, inputs: bool, outputs: bool) -> None:
         """Put the call's input (when `inputs`) and answer (when `outputs`) on its record, and
         in any case what the record's text must be scrubbed of."""
-        recorded = self(x)
         if inputs:
-            record.inputs = recorded
+            record.inputs = self(x)
         else:
-            record.keep(recorded)
+            record.keep(self.secrets_in(x))
         if outputs:
             record.output = self(value)
 
@@ -181,7 +194,7 @@ class InputRecorder:
             return [self._walk(v, depth + 1, secrets) for v in value]
         if isinstance(value, np.ndarray):
             if value.dtype.kind in "biuf":
-                return json_safe(value)
+                return None if self._scanning else json_safe(value)
             return self._walk(value.tolist(), depth + 1, secrets)
         if isinstance(value, np.generic):
             return self._walk(value.item(), depth + 1, secrets)

@@ -41,7 +41,7 @@ from safeserve.guard import AsyncGuard, Guard
 from safeserve.integrations.admin import admin_router
 from safeserve.integrations.encoding import encode_answer
 from safeserve.integrations.middleware import FlushLogsAtShutdown, failed_request_headers
-from safeserve.pipeline import build_problems
+from safeserve.pipeline import build_problems, unservable_names
 from safeserve.policy import Policy
 from safeserve.recording import loads_json
 from safeserve.validation import field_names, problems_of
@@ -132,8 +132,12 @@ def build_app(
 
 def _guards_of(served: dict[str, Policy]) -> dict[str, Guard]:
     """The guard of each served policy, or one `PolicyError` with every problem on the way,
-    each on its policy's path: what `check` finds too (`build_problems`: names that cannot be
-    part of a URL, ...), then what making a guard still refuses (a sink not writable)."""
+    each on its policy's path: names that cannot be part of a URL (`check` warns of them),
+    what `check` finds too (`build_problems`), then what making a guard still refuses (a sink
+    not writable)."""
+    unfit = unservable_names(served)
+    if unfit:
+        raise PolicyError(unfit)
     problems = build_problems(served)
     if problems:  # a guard stops at its first: say them all
         raise PolicyError(problems)

@@ -608,27 +608,29 @@ class TestCli:
         assert main(["serve", str(path), "--port", "0"]) == 1  # the same, from the same file
         assert capsys.readouterr().err.splitlines() == lines
 
-    def test_check_finds_a_served_name_unfit_for_a_url(
+    def test_check_warns_of_a_served_name_unfit_for_a_url(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
-        """`safeserve serve` makes a policy with a model a route named after it: a name that
-        cannot be part of its URL is a problem `check` reports too, so that a file CI passed
-        does not fail at deploy; a policy without a model may be named anyhow."""
+        """`safeserve serve` makes a policy with a model a route named after it, and refuses a
+        name that cannot be part of its URL: `check` warns of it (a file CI passed would fail
+        at deploy), without failing it (a guard made from it in code may be named so); a
+        policy without a model is not warned of."""
         model = "examples.fraud_models:predict_v3"
         path = write(
             tmp_path,
             f"policies:\n  a/b:\n    model: {model}\n  'lib/only':\n    timeout_s: 1\n"
             f"  ok.v-2_~:\n    model: {model}\n",
         )
-        assert main(["check", str(path)]) == 1
+        why = (
+            "policies.a/b: a served policy's name is part of its URL: use letters, digits and "
+            ". _ ~ - only (not . or .. alone)"
+        )
+        assert main(["check", str(path)]) == 0
         out, err = capsys.readouterr()
-        assert out == ""
-        assert err.splitlines() == [
-            f"{path}: policies.a/b: a served policy's name is part of its URL: use letters, "
-            "digits and . _ ~ - only (not . or .. alone)"
-        ]
-        assert main(["serve", str(path), "--port", "0"]) == 1  # the same, from the same file
-        assert capsys.readouterr().err.splitlines() == err.splitlines()
+        assert err.splitlines() == [f"{path}: warning: {why} (safeserve serve refuses it)"]
+        assert len(out.splitlines()) == 3
+        assert main(["serve", str(path), "--port", "0"]) == 1
+        assert capsys.readouterr().err.splitlines() == [f"{path}: {why}"]
 
     def test_check_allow_module_option(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -700,7 +700,7 @@ class TestBreaker:
     ("url", "message"),
     [
         ("http://cache:6379/0", "a redis://host:port/db"),
-        ("redis://:6379/abc", "is a number, not 'abc'"),
+        ("redis://:6379/abc", "is a number (a / or @ in the password is written %2F or %40)"),
         ("redis://cache:port/0", "the port is not a number"),
     ],
 )
@@ -709,6 +709,14 @@ def test_a_bad_store_url_is_a_policy_error(url: str, message: str) -> None:
     with pytest.raises(ss.PolicyError, match=r"BreakerConfig\.store: .*") as err:
         ss.BreakerConfig(store=url)
     assert message in str(err.value)
+
+
+def test_a_bad_store_url_never_quotes_the_password() -> None:
+    """A password holding a "/" (base64 keys do) moves its end into the URL's path: the
+    refusal does not quote it."""
+    with pytest.raises(ss.PolicyError) as err:
+        ss.BreakerConfig(store="rediss://:AbC/dEf+ghIJ=@cache.example.net:6380/0")
+    assert "dEf" not in str(err.value)
 
 
 def test_reload_takes_a_policy() -> None:

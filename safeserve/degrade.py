@@ -26,7 +26,7 @@ from safeserve.context import note
 from safeserve.decisions import Outcome, RawAttempt, RawReason, Record, describe_error
 from safeserve.errors import InputRejected, NoFallbackAvailable, Overloaded, PolicyError
 from safeserve.fallbacks import FallbackStep, NoAnswer
-from safeserve.pipeline import Pipeline
+from safeserve.pipeline import Pipeline, other_arguments
 from safeserve.tracing import SpanAnnotator
 from safeserve.validation import Invalid
 
@@ -351,8 +351,9 @@ class DegradationPath:
                 self._trace_healthy(p.tracer, permit, t0, conf)
             return value
         conf = p.confidence.extract(value) if p.confidence is not None else None
+        others = other_arguments(p, args, offset, kwargs)
         record = self._healthy_record(
-            p, x, value, conf, permit, attempts, latency, t0, sampled, kwargs
+            p, x, value, conf, permit, attempts, latency, t0, sampled, others
         )
         return Outcome(value, record) if want else value
 
@@ -367,7 +368,7 @@ class DegradationPath:
         latency: float,
         t0: float,
         logged: bool,
-        kwargs: dict[str, Any] | None = None,
+        others: dict[str, Any] | None = None,
     ) -> Record:
         """The record of a healthy call (sampled, or asked for), and its span annotated."""
         record = Record(
@@ -383,7 +384,7 @@ class DegradationPath:
             self.breaker.state_of(permit),
             ms(perf_counter() - t0),
         )
-        self._emit(p, record, x, value, logged, kwargs)  # an answer may quote `token=...`
+        self._emit(p, record, x, value, logged, others)  # an answer may quote `token`
         if p.tracer is not None:
             p.tracer.record(record)
         return record
@@ -418,7 +419,7 @@ class DegradationPath:
             d.state,
             ms(latency),
         )
-        self._emit(p, record, d.x, value, logged, d.kwargs)
+        self._emit(p, record, d.x, value, logged, other_arguments(p, d.args, d.offset, d.kwargs))
         if p.tracer is not None:
             p.tracer.record(record)
         return record
@@ -430,14 +431,14 @@ class DegradationPath:
         x: Any,
         value: Any,
         logged: bool,
-        kwargs: dict[str, Any] | None = None,
+        others: dict[str, Any] | None = None,
     ) -> Record:
         # the input is always read for what the record's text must be scrubbed of, and so are
-        # the other keyword arguments (`token=...`), which an error message may quote too
+        # the call's other arguments (`token`), which an error message may quote too
         recorder = p.recorder
         recorder.attach(record, x, value, p.include_inputs, p.include_outputs)
-        if kwargs and recorder.keys:
-            record.keep(recorder.secrets_in(kwargs))
+        if others and recorder.keys:
+            record.keep(recorder.secrets_in(others))
         if not logged:
             return record
         self._ring.append(record)

@@ -107,10 +107,11 @@ class Guard(DegradationPath):
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """A call that passes its input by keyword (`predict(x=...)`) with it moved among the
         positional arguments, where validation, records and redaction look for it."""
-        names = p.input_names
-        if offset < len(names) and names[offset] in kwargs:
+        names = p.positional
+        name = names[offset] if offset < len(names) else None
+        if name is not None and name in kwargs:
             kwargs = dict(kwargs)
-            args = (*args, kwargs.pop(names[offset]))
+            args = (*args, kwargs.pop(name))
         return args, kwargs
 
     def collect_histograms(self) -> Histograms:

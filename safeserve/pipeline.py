@@ -54,7 +54,6 @@ class Pipeline:
         "include_inputs",
         "include_outputs",
         "inline_slot",
-        "input_names",
         "inspects_input",
         "max_wait_s",
         "open_aggregate",
@@ -63,6 +62,7 @@ class Pipeline:
         "plain_healthy",
         "policy",
         "pool",
+        "positional",
         "profile_add",
         "profiler",
         "recorder",
@@ -83,7 +83,7 @@ class Pipeline:
         self, fn: Callable[..., Any], policy: Policy, is_async: bool, previous: Pipeline | None
     ) -> None:
         self.fn = fn
-        self.input_names = _leading_parameters(fn)  # for an input passed by keyword
+        self.positional = _positional_parameters(fn)  # the input's name, and the others'
         self.policy = policy
         val = policy.validation
         log = policy.log
@@ -283,20 +283,40 @@ def build_problems(policies: Mapping[str, Policy]) -> list[str]:
     return problems
 
 
-def _leading_parameters(fn: Callable[..., Any]) -> tuple[str, ...]:
-    """The names of `fn`'s first two parameters that may be passed by position or keyword: the
-    input's name is the first, or the second for a method (after `self`). A decorator's own
-    signature, not the one it wraps: `def wrapper(**kw)` takes no input by position."""
+def _positional_parameters(fn: Callable[..., Any]) -> tuple[str | None, ...]:
+    """The names of `fn`'s parameters that take a positional argument, in order, None for one
+    that cannot also be passed by keyword (positional-only). The input is the first, or the
+    second for a method (after `self`). A decorator's own signature, not the one it wraps:
+    `def wrapper(**kw)` takes nothing by position."""
     try:
         parameters = inspect.signature(fn, follow_wrapped=False).parameters.values()
     except (TypeError, ValueError):  # a callable without a signature: its input is positional
         return ()
-    names: list[str] = []
+    names: list[str | None] = []
     for parameter in parameters:
-        if parameter.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD or len(names) == 2:
+        if parameter.kind is inspect.Parameter.POSITIONAL_ONLY:
+            names.append(None)
+        elif parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            names.append(parameter.name)
+        else:
             break
-        names.append(parameter.name)
     return tuple(names)
+
+
+def other_arguments(
+    p: Pipeline, args: tuple[Any, ...], offset: int, kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """A call's arguments besides the input, by name where the signature gives one (`token`
+    in `predict(x, token)`, as in `predict(x, token=...)`), for what a record must be
+    scrubbed of; those without a name (`*args`) under "*"."""
+    rest = args[offset + 1 :]
+    if not rest:
+        return kwargs
+    names = p.positional[offset + 1 :]
+    others = {name: value for name, value in zip(names, rest, strict=False) if name is not None}
+    if len(rest) > len(names):
+        others["*"] = list(rest[len(names) :])
+    return {**others, **kwargs}
 
 
 def _importable(module: str) -> bool:

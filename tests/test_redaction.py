@@ -376,9 +376,21 @@ class TestKeywordArguments:
             raise PermissionError(f"token {token} refused for {x['amount']}")
 
         g = guard(uses_token, log_path, redact=["card_number", "token"])
-        decision = g.call(TXN, token="tok_SECRET123").decision
-        assert free_text(decision)[0] == f"PermissionError: token {REDACTED} refused for 12.5"
-        assert_no_secret(log_path, decision, secrets=("tok_SECRET123", CARD))
+        by_keyword = g.call(TXN, token="tok_SECRET123").decision
+        by_position = g.call(TXN, "tok_SECRET456").decision
+        for decision in (by_keyword, by_position):
+            expected = f"PermissionError: token {REDACTED} refused for 12.5"
+            assert free_text(decision)[0] == expected
+        assert_no_secret(log_path, by_keyword, by_position, secrets=("tok_SECRET", CARD))
+
+    def test_arguments_past_the_signature_are_scanned_too(self, log_path: Path) -> None:
+        def many(x: Any, *extra: Any) -> Any:
+            raise ValueError(f"cannot use {extra[0]['card_number']}")
+
+        g = guard(many, log_path)
+        decision = g.call({"amount": 1.0}, {"card_number": CARD}).decision
+        assert free_text(decision)[0] == f"ValueError: cannot use {REDACTED}"
+        assert_no_secret(log_path, decision)
 
     def test_a_reload_to_a_model_with_another_input_name_takes_that_name(self) -> None:
         class Row(BaseModel):

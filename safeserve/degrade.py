@@ -368,7 +368,7 @@ class DegradationPath:
         latency: float,
         t0: float,
         logged: bool,
-        others: dict[str, Any] | None = None,
+        others: Any = None,
     ) -> Record:
         """The record of a healthy call (sampled, or asked for), and its span annotated."""
         record = Record(
@@ -431,7 +431,7 @@ class DegradationPath:
         x: Any,
         value: Any,
         logged: bool,
-        others: dict[str, Any] | None = None,
+        others: Any = None,
     ) -> Record:
         # the input is always read for what the record's text must be scrubbed of, and so are
         # the call's other arguments (`token`), which an error message may quote too

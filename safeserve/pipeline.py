@@ -8,6 +8,7 @@ stages or wholly on the new ones.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import re
 import threading
@@ -63,6 +64,7 @@ class Pipeline:
         "policy",
         "pool",
         "positional",
+        "positional_only",
         "profile_add",
         "profiler",
         "recorder",
@@ -83,7 +85,7 @@ class Pipeline:
         self, fn: Callable[..., Any], policy: Policy, is_async: bool, previous: Pipeline | None
     ) -> None:
         self.fn = fn
-        self.positional = _positional_parameters(fn)  # the input's name, and the others'
+        self.positional, self.positional_only = positional_parameters(fn)  # arguments' names
         self.policy = policy
         val = policy.validation
         log = policy.log
@@ -283,40 +285,46 @@ def build_problems(policies: Mapping[str, Policy]) -> list[str]:
     return problems
 
 
-def _positional_parameters(fn: Callable[..., Any]) -> tuple[str | None, ...]:
-    """The names of `fn`'s parameters that take a positional argument, in order, None for one
-    that cannot also be passed by keyword (positional-only). The input is the first, or the
-    second for a method (after `self`). A decorator's own signature, not the one it wraps:
-    `def wrapper(**kw)` takes nothing by position."""
+def positional_parameters(fn: Callable[..., Any]) -> tuple[tuple[str, ...], int]:
+    """The names of `fn`'s parameters that take a positional argument, in order, and how many
+    of them lead as positional-only (never taken by keyword). The input is the first, or the
+    second for a method (after `self`). A decorator's own signature when it names its
+    parameters (`def wrapper(**kw)` takes nothing by position), the wrapped function's when
+    it takes `*args` (`functools.wraps` around `def wrapper(*args, **kwargs)`, `lru_cache`)."""
+    own: inspect.Signature | None
     try:
-        parameters = inspect.signature(fn, follow_wrapped=False).parameters.values()
-    except (TypeError, ValueError):  # a callable without a signature: its input is positional
-        return ()
-    names: list[str | None] = []
-    for parameter in parameters:
+        own = inspect.signature(fn, follow_wrapped=False)
+        passes_on = any(q.kind is inspect.Parameter.VAR_POSITIONAL for q in own.parameters.values())
+    except (TypeError, ValueError):
+        own, passes_on = None, True
+    signature = own
+    if passes_on and hasattr(fn, "__wrapped__"):
+        with contextlib.suppress(TypeError, ValueError):
+            signature = inspect.signature(fn)
+    if signature is None:  # a callable without a signature: its input is positional
+        return (), 0
+    names: list[str] = []
+    only = 0
+    for parameter in signature.parameters.values():
         if parameter.kind is inspect.Parameter.POSITIONAL_ONLY:
-            names.append(None)
-        elif parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
-            names.append(parameter.name)
-        else:
+            only += 1
+        elif parameter.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD:
             break
-    return tuple(names)
+        names.append(parameter.name)
+    return tuple(names), only
 
 
-def other_arguments(
-    p: Pipeline, args: tuple[Any, ...], offset: int, kwargs: dict[str, Any]
-) -> dict[str, Any]:
-    """A call's arguments besides the input, by name where the signature gives one (`token`
-    in `predict(x, token)`, as in `predict(x, token=...)`), for what a record must be
-    scrubbed of; those without a name (`*args`) under "*"."""
+def other_arguments(p: Pipeline, args: tuple[Any, ...], offset: int, kwargs: dict[str, Any]) -> Any:
+    """A call's arguments besides the input, for what a record must be scrubbed of: by name
+    where the signature gives one (`token` in `predict(x, token)`, as in `predict(x,
+    token=...)`), those past it in a list; the keyword ones beside them, so that no name
+    shadows another."""
     rest = args[offset + 1 :]
     if not rest:
         return kwargs
     names = p.positional[offset + 1 :]
-    others = {name: value for name, value in zip(names, rest, strict=False) if name is not None}
-    if len(rest) > len(names):
-        others["*"] = list(rest[len(names) :])
-    return {**others, **kwargs}
+    named: dict[str, Any] = dict(zip(names, rest, strict=False))
+    return [named, list(rest[len(names) :]), kwargs]
 
 
 def _importable(module: str) -> bool:

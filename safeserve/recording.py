@@ -143,8 +143,9 @@ class InputRecorder:
         for an embedding batch)."""
         scanner = self._scanner
         if scanner is None:
-            scanner = self._scanner = copy.copy(self)
+            scanner = copy.copy(self)
             scanner._scanning = True
+            self._scanner = scanner  # published once it scans
         return scanner(value)
 
     @property

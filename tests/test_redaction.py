@@ -431,6 +431,50 @@ class TestKeywordArguments:
         g = ss.guard(name=f"kw-wrapper-{time.monotonic_ns()}")(score)
         assert g.call(x={"amount": 3.0}).decision.served_by == "primary"
 
+    def test_a_model_behind_a_decorator_taking_args_is_read_through_it(
+        self, log_path: Path
+    ) -> None:
+        """`functools.wraps` around `def wrapper(*args, **kwargs)` (the usual decorator) and
+        `lru_cache`: the wrapped function names the input and the other arguments."""
+
+        def passes_on(fn: Any) -> Any:
+            @functools.wraps(fn)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                return fn(*args, **kwargs)
+
+            return wrapper
+
+        class Row(BaseModel):
+            amount: float
+
+        def score(x: Any, token: str = "") -> Any:
+            if token:
+                raise PermissionError(f"token {token} refused")
+            return {"amount": x["amount"]}
+
+        g = ss.guard(
+            name=f"kw-decorated-{time.monotonic_ns()}",
+            validation=ss.ValidationConfig(schema=Row, on_invalid="reject"),
+            fallbacks=[ss.Fallback.static("static", STATIC)],
+            log=ss.DecisionLogConfig(sink=str(log_path), redact=["token"]),
+        )(passes_on(score))
+        assert g.call(x={"amount": 1.0}).decision.served_by == "primary"
+        cached = guard(functools.lru_cache(score), log_path, redact=["token"])  # hashable input
+        decisions = [g.call({"amount": 2.0}, "tok_SECRET_W").decision]
+        decisions.append(cached.call(("amount", 2.0), "tok_SECRET_L").decision)
+        for decision in decisions:
+            assert free_text(decision)[0] == f"PermissionError: token {REDACTED} refused"
+        assert_no_secret(log_path, *decisions, secrets=("tok_SECRET",))
+
+    def test_a_positional_only_secret_is_scrubbed(self, log_path: Path) -> None:
+        def positional(x: Any, token: str, /, **extra: Any) -> Any:
+            raise PermissionError(f"token {token}, then {extra['token']}")
+
+        g = guard(positional, log_path, redact=["card_number", "token"])
+        decision = g.call(TXN, "tok_SECRET_A", token="tok_SECRET_B").decision
+        assert free_text(decision)[0] == f"PermissionError: token {REDACTED}, then {REDACTED}"
+        assert_no_secret(log_path, decision, secrets=("tok_SECRET", CARD))
+
     def test_a_sampled_answer_quoting_a_redacted_keyword_is_scrubbed(self, log_path: Path) -> None:
         def greets(x: Any, token: str = "") -> Any:
             return {"message": f"token {token} accepted"}

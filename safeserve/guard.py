@@ -34,7 +34,7 @@ from safeserve.degrade import Degradation, DegradationPath, failed_attempt, ms
 from safeserve.errors import Overloaded, PolicyError
 from safeserve.histograms import Histograms
 from safeserve.logwriter import LogWriter
-from safeserve.pipeline import Pipeline, positional_parameters
+from safeserve.pipeline import Pipeline
 from safeserve.policy import Policy
 from safeserve.validation import Invalid
 
@@ -107,8 +107,8 @@ class Guard(DegradationPath):
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """A call that passes its input by keyword (`predict(x=...)`) with it moved among the
         positional arguments, where validation, records and redaction look for it."""
-        names = p.positional
-        if p.positional_only <= offset < len(names) and names[offset] in kwargs:
+        names, positional_only = p.parameters()
+        if positional_only <= offset < len(names) and names[offset] in kwargs:
             kwargs = dict(kwargs)
             args = (*args, kwargs.pop(names[offset]))
         return args, kwargs
@@ -222,8 +222,6 @@ class Guard(DegradationPath):
         p = copy.copy(self._p)
         for name, value in changes.items():
             setattr(p, name, value)
-        if "fn" in changes:
-            p.positional, p.positional_only = positional_parameters(changes["fn"])
         twin = copy.copy(self)
         twin._p = p
         return twin

@@ -39,6 +39,7 @@ class Pipeline:
     bulkhead and decision log; each stage is present only when the policy asks for it."""
 
     __slots__ = (
+        "_parameters",
         "answer_check",
         "attempt_timeout",
         "bulkhead",
@@ -63,8 +64,6 @@ class Pipeline:
         "plain_healthy",
         "policy",
         "pool",
-        "positional",
-        "positional_only",
         "profile_add",
         "profiler",
         "recorder",
@@ -85,7 +84,7 @@ class Pipeline:
         self, fn: Callable[..., Any], policy: Policy, is_async: bool, previous: Pipeline | None
     ) -> None:
         self.fn = fn
-        self.positional, self.positional_only = positional_parameters(fn)  # arguments' names
+        self._parameters: tuple[Callable[..., Any], tuple[str, ...], int] | None = None
         self.policy = policy
         val = policy.validation
         log = policy.log
@@ -180,6 +179,15 @@ class Pipeline:
             or self.confidence is not None
             or self.output_schema is not None
         )
+
+    def parameters(self) -> tuple[tuple[str, ...], int]:
+        """`positional_parameters(self.fn)`, worked out once per function (a twin made with
+        another `fn` works its own out): read only off the healthy path, for an input passed
+        by keyword and for the names of a recorded call's other arguments."""
+        known = self._parameters
+        if known is None or known[0] is not self.fn:
+            known = self._parameters = (self.fn, *positional_parameters(self.fn))
+        return known[1], known[2]
 
     def check_answers_with(self, check: Callable[[Any], object] | None) -> None:
         """Hold every answer to `check` too (`Guard.check_answers`), or to the policy's checks
@@ -322,7 +330,7 @@ def other_arguments(p: Pipeline, args: tuple[Any, ...], offset: int, kwargs: dic
     rest = args[offset + 1 :]
     if not rest:
         return kwargs
-    names = p.positional[offset + 1 :]
+    names = p.parameters()[0][offset + 1 :]
     named: dict[str, Any] = dict(zip(names, rest, strict=False))
     return [named, list(rest[len(names) :]), kwargs]
 
